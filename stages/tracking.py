@@ -1,0 +1,255 @@
+"""The only module that talks to MLflow: where the store is, which experiment, which tags.
+
+The store is ``MLFLOW_TRACKING_URI`` when set (a tracking server, say), else a sqlite
+database ``mlflow.db`` in the directory the pipeline runs from, with artifacts beside it
+in ``mlartifacts/``. The experiment is ``MLFLOW_EXPERIMENT_NAME`` or
+``image-classification``. MLflow is imported lazily so stages that never track start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stages.errors import StageError
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "image-classification"
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+MODEL_ARTIFACT = "model"
+
+# Tag names. MLflow's own tag makes the UI link the run to its commit.
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_GIT_DIRTY = "git.dirty"
+TAG_DVC_EXP_NAME = "dvc.exp_name"
+TAG_DVC_BASELINE = "dvc.exp_baseline_rev"
+
+
+class TrackingError(StageError):
+    """The MLflow store could not be reached or refused a request."""
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking URI the pipeline logs to."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if configured:
+        return configured
+    return f"sqlite:///{(Path.cwd() / STORE_FILE).resolve()}"
+
+
+def experiment_name() -> str:
+    """The MLflow experiment every run of the pipeline goes to."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside it; a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        return (database.parent / ARTIFACTS_DIR).resolve().as_uri()
+    return None
+
+
+@contextmanager
+def _reporting_mlflow_errors() -> Iterator[None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as error:
+        first_line = str(error.message).strip().splitlines()[0] if str(error.message) else ""
+        raise TrackingError(f"MLflow store {tracking_uri()}: {first_line}") from error
+
+
+def connect() -> str:
+    """Point MLflow at the store and experiment; return the experiment id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    name = experiment_name()
+    with _reporting_mlflow_errors():
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                experiment_id = client.create_experiment(name, _artifact_location(uri))
+            except MlflowException:
+                # Another run created it between our lookup and create.
+                experiment_id = client.get_experiment_by_name(name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def lineage_tags() -> dict[str, str]:
+    """Tags tying a run to its code (git) and its DVC experiment, where there is one."""
+    tags: dict[str, str] = {}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags[TAG_GIT_COMMIT] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            tags[TAG_GIT_DIRTY] = str(bool(status)).lower()
+    # DVC sets these while running `dvc exp run`.
+    for variable, tag in (("DVC_EXP_NAME", TAG_DVC_EXP_NAME), ("DVC_EXP_BASELINE_REV", TAG_DVC_BASELINE)):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
+    return tags
+
+
+@contextmanager
+def training_run(params: Mapping[str, Any]) -> Iterator[str]:
+    """Open a new run with ``params`` and lineage tags; yield its id.
+
+    The run ends FINISHED when the block succeeds and FAILED (KILLED on Ctrl-C) when it
+    raises, so no run is ever left RUNNING by a failed stage.
+    """
+    import mlflow
+
+    connect()
+    tags = lineage_tags()
+    with _reporting_mlflow_errors():
+        with mlflow.start_run(run_name=tags.get(TAG_DVC_EXP_NAME), tags=tags) as run:
+            mlflow.log_params(dict(params))
+            log.info("MLflow run %s in %s", run.info.run_id, tracking_uri())
+            yield run.info.run_id
+
+
+@contextmanager
+def resumed_run(run_id: str) -> Iterator[str]:
+    """Reopen the training run ``run_id`` so a later stage can add to it."""
+    import mlflow
+
+    connect()
+    with _reporting_mlflow_errors(), mlflow.start_run(run_id=run_id):
+        yield run_id
+
+
+def log_epoch(metrics: Mapping[str, float], epoch: int) -> None:
+    """Log one epoch's metrics in a single batched call (step = epoch number)."""
+    import mlflow
+
+    with _reporting_mlflow_errors():
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=epoch)
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    """Log final (step-less) metrics to the active run."""
+    log_epoch(metrics, epoch=0)
+
+
+def log_artifact(path: Path, artifact_dir: str | None = None) -> None:
+    """Copy a file into the active run's artifacts."""
+    import mlflow
+
+    with _reporting_mlflow_errors():
+        mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+
+def log_figure(figure: Any, artifact_file: str) -> None:
+    """Save a matplotlib figure as an image artifact of the active run."""
+    import mlflow
+
+    with _reporting_mlflow_errors():
+        mlflow.log_figure(figure, artifact_file)
+
+
+class _KerasFlavor:
+    """``mlflow.keras`` with the model directory created before saving.
+
+    ``mlflow.keras.save_model`` writes the input example before it creates its directory
+    and fails with FileNotFoundError (mlflow/mlflow#16183, open in MLflow 3.17). Passing
+    this to MLflow's public ``Model.log`` keeps everything else as ``mlflow.keras`` does it.
+    """
+
+    __name__ = "mlflow.keras"
+
+    @staticmethod
+    def save_model(path: str, **kwargs: Any) -> None:
+        import mlflow.keras
+
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+
+def register_model(
+    model: keras.Model, name: str, alias: str, input_example: np.ndarray
+) -> dict[str, str]:
+    """Log ``model`` to the active run, register a new version of ``name``, point ``alias`` at it.
+
+    Returns what was registered: name, version, alias, run id and model URI.
+    """
+    import importlib.metadata
+
+    import mlflow
+    from mlflow.models import Model, infer_signature
+
+    run = mlflow.active_run()
+    if run is None:
+        raise TrackingError("register_model needs an active run (use resumed_run)")
+    signature = infer_signature(input_example, model.predict(input_example, verbose=0))
+    # Pin what the model needs instead of letting MLflow re-import it to guess (slow).
+    requirements = [
+        f"{package}=={importlib.metadata.version(package)}"
+        for package in ("mlflow", "keras", "tensorflow", "numpy")
+    ]
+    with _reporting_mlflow_errors():
+        info = Model.log(
+            artifact_path=None,
+            name=MODEL_ARTIFACT,
+            flavor=_KerasFlavor,
+            model=model,
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=requirements,
+            registered_model_name=name,
+        )
+        version = str(info.registered_model_version)
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    log.info("registered %s version %s as @%s", name, version, alias)
+    return {
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "run_id": run.info.run_id,
+        "model_uri": f"models:/{name}/{version}",
+    }
+
+
+def read_run_id(run_info_path: Path) -> str:
+    """The MLflow run id that the train stage recorded in ``run_info_path``."""
+    import json
+
+    try:
+        run_id = json.loads(Path(run_info_path).read_text())["run_id"]
+    except FileNotFoundError:
+        raise StageError(f"{run_info_path}: missing; run the train stage first") from None
+    except (ValueError, KeyError, TypeError):
+        raise StageError(f"{run_info_path}: expected JSON with a run_id") from None
+    if not isinstance(run_id, str) or not run_id:
+        raise StageError(f"{run_info_path}: run_id must be a non-empty string")
+    return run_id
