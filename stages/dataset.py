@@ -42,7 +42,9 @@ class ImageSet:
             raise DataError(
                 f"labels must have shape ({len(self.images)},), got {self.labels.shape}"
             )
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+        if len(self.labels) and (
+            self.labels.min() < 0 or self.labels.max() >= len(self.class_names)
+        ):
             raise DataError(
                 f"labels must lie in 0..{len(self.class_names) - 1} "
                 f"(one per class name), got {self.labels.min()}..{self.labels.max()}"

@@ -46,8 +46,10 @@ def run(cfg: DataParams, out_dir: Path) -> ImageSet:
         write_image_set(tmp, image_set)
     log.info(
         "wrote %d images of %s in %d classes to %s",
-        len(image_set.images), "x".join(map(str, image_set.image_shape)),
-        len(image_set.class_names), out_dir,
+        len(image_set.images),
+        "x".join(map(str, image_set.image_shape)),
+        len(image_set.class_names),
+        out_dir,
     )
     return image_set
 

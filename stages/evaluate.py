@@ -55,9 +55,13 @@ def plot_confusion(rows: pd.DataFrame, class_names: Sequence[str]):
     figure, axes = plt.subplots(figsize=(size, size))
     axes.imshow(matrix.to_numpy(), cmap="Blues")
     axes.set(
-        xticks=range(len(class_names)), yticks=range(len(class_names)),
-        xticklabels=class_names, yticklabels=class_names,
-        xlabel="predicted", ylabel="actual", title="Confusion matrix (test)",
+        xticks=range(len(class_names)),
+        yticks=range(len(class_names)),
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="predicted",
+        ylabel="actual",
+        title="Confusion matrix (test)",
     )
     threshold = matrix.to_numpy().max() / 2
     for row, actual in enumerate(class_names):
@@ -65,7 +69,12 @@ def plot_confusion(rows: pd.DataFrame, class_names: Sequence[str]):
             count = matrix.loc[actual, predicted]
             if count:
                 axes.text(
-                    column, row, str(count), ha="center", va="center", fontsize=8,
+                    column,
+                    row,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
                     color="white" if count > threshold else "black",
                 )
     figure.tight_layout()
@@ -97,7 +106,9 @@ def run(
         tracking.log_artifact(confusion_path)
         tracking.log_figure(plot_confusion(rows, test.class_names), "confusion_matrix.png")
     log.info(
-        "test accuracy %.4f, loss %.4f on %d images", metrics["accuracy"], metrics["loss"],
+        "test accuracy %.4f, loss %.4f on %d images",
+        metrics["accuracy"],
+        metrics["loss"],
         len(test.labels),
     )
     return metrics
@@ -128,8 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(
         "evaluate",
         lambda: run(
-            load_params(args.params).evaluate, args.data, args.model, args.run_info,
-            args.metrics, args.confusion,
+            load_params(args.params).evaluate,
+            args.data,
+            args.model,
+            args.run_info,
+            args.metrics,
+            args.confusion,
         ),
     )
 

@@ -29,7 +29,7 @@ def run(
     model_path: Path,
     run_info_path: Path,
     registered_path: Path,
-) -> dict[str, str]:
+) -> dict[str, str | int]:
     """Register ``model_path`` under ``cfg.model_name`` and write the registration record."""
     from stages.model import load_model
 
@@ -54,7 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--run-info", type=Path, default=Path("lineage/train_run.json"), help="MLflow run id"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("lineage/registered_model.json"),
+        "--out",
+        type=Path,
+        default=Path("lineage/registered_model.json"),
         help="registration record out",
     )
     return parser.parse_args(argv)
@@ -64,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     return run_stage(
         "export",
-        lambda: run(load_params(args.params).export, args.data, args.model, args.run_info, args.out),
+        lambda: run(
+            load_params(args.params).export, args.data, args.model, args.run_info, args.out
+        ),
     )
 
 

@@ -74,7 +74,9 @@ def run(cfg: PreprocessParams, raw_dir: Path, out_dir: Path) -> dict[str, ImageS
     """Resize and split the raw image set in ``raw_dir`` into ``out_dir`` atomically."""
     raw = read_image_set(raw_dir)
     if len(raw.class_names) < 2:
-        raise DataError(f"{raw_dir}: need at least 2 classes to classify, got {len(raw.class_names)}")
+        raise DataError(
+            f"{raw_dir}: need at least 2 classes to classify, got {len(raw.class_names)}"
+        )
     images = resize_images(raw.images, cfg.image_height, cfg.image_width, cfg.channels)
     indices = split_indices(raw.labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     splits = {
@@ -89,7 +91,10 @@ def run(cfg: PreprocessParams, raw_dir: Path, out_dir: Path) -> dict[str, ImageS
     log.info(
         "wrote %s images of %dx%dx%d to %s",
         " / ".join(f"{len(splits[s].images)} {s}" for s in SPLITS),
-        cfg.image_height, cfg.image_width, cfg.channels, out_dir,
+        cfg.image_height,
+        cfg.image_width,
+        cfg.channels,
+        out_dir,
     )
     return splits
 

@@ -115,37 +115,58 @@ def lineage_tags() -> dict[str, str]:
         if status is not None:
             tags[TAG_GIT_DIRTY] = str(bool(status)).lower()
     # DVC sets these while running `dvc exp run`.
-    for variable, tag in (("DVC_EXP_NAME", TAG_DVC_EXP_NAME), ("DVC_EXP_BASELINE_REV", TAG_DVC_BASELINE)):
+    for variable, tag in (
+        ("DVC_EXP_NAME", TAG_DVC_EXP_NAME),
+        ("DVC_EXP_BASELINE_REV", TAG_DVC_BASELINE),
+    ):
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
     return tags
 
 
 @contextmanager
+def _run(**start_args: Any) -> Iterator[str]:
+    """Start (or reopen) a run; end it FINISHED, KILLED on interrupt, or FAILED on error."""
+    import mlflow
+
+    with _reporting_mlflow_errors():
+        run = mlflow.start_run(**start_args)
+    try:
+        yield run.info.run_id
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        try:
+            mlflow.end_run(status)
+        except Exception as end_error:  # the original error matters more than this one
+            log.warning("could not mark MLflow run %s %s: %s", run.info.run_id, status, end_error)
+        raise
+    with _reporting_mlflow_errors():
+        mlflow.end_run("FINISHED")
+
+
+@contextmanager
 def training_run(params: Mapping[str, Any]) -> Iterator[str]:
     """Open a new run with ``params`` and lineage tags; yield its id.
 
-    The run ends FINISHED when the block succeeds and FAILED (KILLED on Ctrl-C) when it
-    raises, so no run is ever left RUNNING by a failed stage.
+    The run ends FINISHED when the block succeeds, KILLED when it is interrupted (Ctrl-C,
+    SIGTERM) and FAILED when it raises, so a failed stage never leaves a run RUNNING.
     """
     import mlflow
 
     connect()
     tags = lineage_tags()
-    with _reporting_mlflow_errors():
-        with mlflow.start_run(run_name=tags.get(TAG_DVC_EXP_NAME), tags=tags) as run:
+    with _run(run_name=tags.get(TAG_DVC_EXP_NAME), tags=tags) as run_id:
+        with _reporting_mlflow_errors():
             mlflow.log_params(dict(params))
-            log.info("MLflow run %s in %s", run.info.run_id, tracking_uri())
-            yield run.info.run_id
+        log.info("MLflow run %s in %s", run_id, tracking_uri())
+        yield run_id
 
 
 @contextmanager
 def resumed_run(run_id: str) -> Iterator[str]:
     """Reopen the training run ``run_id`` so a later stage can add to it."""
-    import mlflow
-
     connect()
-    with _reporting_mlflow_errors(), mlflow.start_run(run_id=run_id):
+    with _run(run_id=run_id):
         yield run_id
 
 
@@ -198,7 +219,7 @@ class _KerasFlavor:
 
 def register_model(
     model: keras.Model, name: str, alias: str, input_example: np.ndarray
-) -> dict[str, str]:
+) -> dict[str, str | int]:
     """Log ``model`` to the active run, register a new version of ``name``, point ``alias`` at it.
 
     Returns what was registered: name, version, alias, run id and model URI.
@@ -228,8 +249,8 @@ def register_model(
             pip_requirements=requirements,
             registered_model_name=name,
         )
-        version = str(info.registered_model_version)
-        mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+        version = int(info.registered_model_version)
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
     log.info("registered %s version %s as @%s", name, version, alias)
     return {
         "name": name,

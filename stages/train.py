@@ -116,7 +116,9 @@ def run(
         tracking.log_artifact(history_path)
     log.info(
         "trained %d epochs: val_accuracy %.4f, model at %s",
-        len(history), last["val_accuracy"], model_path,
+        len(history),
+        last["val_accuracy"],
+        model_path,
     )
     return TrainResult(run_id=run_id, history=history, model=model)
 
@@ -146,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(
         "train",
         lambda: run(
-            load_params(args.params), args.data, args.model, args.history, args.metrics,
+            load_params(args.params),
+            args.data,
+            args.model,
+            args.history,
+            args.metrics,
             args.run_info,
         ),
     )

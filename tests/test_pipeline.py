@@ -1,0 +1,176 @@
+"""End to end: the real `dvc repro` and `dvc exp run` on a copy of the project in a git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from stages.dataset import read_image_set
+from stages.model import load_model
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+]
+STAGES = ["download", "preprocess", "train", "evaluate", "export"]
+EPOCHS = 2
+
+
+def run(repo: Path, *command: str) -> str:
+    """Run a command in ``repo`` as a user would, with the project's environment on PATH."""
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "true"
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def set_params(repo: Path, **train: int) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["train"].update(train)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git repository holding the project, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        source, target = PROJECT_ROOT / name, repo / name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    set_params(repo, epochs=EPOCHS)
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "config", "user.name", "Pipeline Test")
+    run(repo, "git", "config", "user.email", "pipeline-test@example.invalid")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "project")
+    output = run(repo, "dvc", "repro")
+    assert stages_run(output) == STAGES
+    return repo
+
+
+def client(repo: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_by_name(repo: Path) -> dict:
+    experiment = client(repo).get_experiment_by_name("image-classification")
+    return {r.info.run_name: r for r in client(repo).search_runs([experiment.experiment_id])}
+
+
+def test_repro_writes_every_output_and_metric(repo):
+    for path in (
+        "data/raw/images.npy",
+        "data/prepared/test/images.npy",
+        "models/model.keras",
+        "plots/history.csv",
+        "plots/confusion.csv",
+    ):
+        assert (repo / path).is_file(), path
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(evaluation) == {"loss", "accuracy"}
+    assert evaluation["accuracy"] > 0.75  # two epochs; ten classes
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+
+
+def test_repro_tracks_a_finished_run_with_params_epochs_and_commit(repo):
+    run_id = json.loads((repo / "lineage/train_run.json").read_text())["run_id"]
+    tracked = client(repo).get_run(run_id)
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["train.epochs"] == str(EPOCHS)
+    head = run(repo, "git", "rev-parse", "HEAD").strip()
+    assert tracked.data.tags["mlflow.source.git.commit"] == head
+    assert len(client(repo).get_metric_history(run_id, "val_accuracy")) == EPOCHS
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    # Artifacts land beside the store, not in the working directory's default place.
+    assert (repo / "mlartifacts").is_dir()
+
+
+def test_repro_registers_the_model_under_its_alias_predicting_like_the_saved_one(repo):
+    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    run_id = json.loads((repo / "lineage/train_run.json").read_text())["run_id"]
+    assert record == {
+        "name": "digits-cnn",
+        "version": 1,
+        "alias": "champion",
+        "run_id": run_id,
+        "model_uri": "models:/digits-cnn/1",
+    }
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model("models:/digits-cnn@champion")
+    images = read_image_set(repo / "data/prepared/test").images
+    np.testing.assert_allclose(
+        served.predict(images),
+        load_model(str(repo / "models/model.keras")).predict(images, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_a_second_repro_runs_nothing(repo):
+    output = run(repo, "dvc", "repro")
+    assert stages_run(output) == []
+    assert "Data and pipelines are up to date" in output
+
+
+def test_changing_epochs_reruns_only_train_evaluate_and_export(repo):
+    set_params(repo, epochs=1)
+    output = run(repo, "dvc", "repro")
+    assert stages_run(output) == ["train", "evaluate", "export"]
+    assert json.loads((repo / "lineage/registered_model.json").read_text())["version"] == 2
+
+
+def test_exp_run_shows_in_exp_show_and_names_its_mlflow_run(repo):
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "one epoch baseline")
+    output = run(repo, "dvc", "exp", "run", "-n", "two-epochs", "-S", f"train.epochs={EPOCHS}")
+    assert stages_run(output) == ["train", "evaluate", "export"]
+
+    shown = json.loads(run(repo, "dvc", "exp", "show", "--json"))
+    experiments = {
+        rev["name"]: rev["data"]
+        for baseline in shown
+        for group in baseline.get("experiments") or []
+        for rev in group["revs"]
+    }
+    data = experiments["two-epochs"]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == EPOCHS
+    accuracy = data["metrics"]["metrics/evaluate.json"]["data"]["accuracy"]
+
+    tracked = runs_by_name(repo)["two-epochs"]
+    assert tracked.data.tags["dvc.exp_name"] == "two-epochs"
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.metrics["test_accuracy"] == pytest.approx(accuracy)

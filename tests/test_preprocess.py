@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+
+from stages import preprocess
+from stages.dataset import SPLITS, ImageSet, read_image_set, write_image_set
+from stages.errors import DataError
+from tests.conftest import project_params
+
+
+def test_resize_makes_every_image_the_configured_size():
+    gradient = np.tile(np.linspace(0, 255, 8, dtype=np.uint8), (3, 8, 1))[..., None]
+    resized = preprocess.resize_images(gradient, 28, 20, 1)
+    assert resized.shape == (3, 28, 20, 1)
+    assert resized.dtype == np.uint8
+    # Bilinear resizing keeps a left-to-right ramp a ramp.
+    assert resized[0, 10, 0, 0] < resized[0, 10, 10, 0] < resized[0, 10, 19, 0]
+
+
+def test_resize_converts_grayscale_to_rgb_and_back():
+    gray = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    rgb = preprocess.resize_images(gray, 28, 28, 3)
+    assert rgb.shape == (2, 28, 28, 3)
+    np.testing.assert_array_equal(rgb[..., 0], gray[..., 0])
+    np.testing.assert_array_equal(rgb[..., 2], gray[..., 0])
+    np.testing.assert_array_equal(preprocess.resize_images(rgb, 28, 28, 1), gray)
+
+
+def test_split_is_stratified_disjoint_and_complete():
+    labels = np.repeat(np.arange(4), [100, 60, 40, 200])
+    parts = preprocess.split_indices(labels, val_fraction=0.2, test_fraction=0.25, seed=1)
+    combined = np.concatenate([parts[s] for s in SPLITS])
+    assert sorted(combined) == list(range(len(labels)))
+    for split, share in (("test", 0.25), ("val", 0.2)):
+        counts = np.bincount(labels[parts[split]], minlength=4)
+        np.testing.assert_allclose(counts, share * np.bincount(labels), atol=1)
+
+
+def test_split_is_a_function_of_the_seed():
+    labels = np.repeat(np.arange(3), 50)
+    first = preprocess.split_indices(labels, 0.2, 0.2, seed=7)
+    again = preprocess.split_indices(labels, 0.2, 0.2, seed=7)
+    other = preprocess.split_indices(labels, 0.2, 0.2, seed=8)
+    for split in SPLITS:
+        np.testing.assert_array_equal(first[split], again[split])
+    assert any(not np.array_equal(first[s], other[s]) for s in SPLITS)
+
+
+def test_run_writes_three_splits_and_their_counts(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = ImageSet(
+        rng.integers(0, 256, (90, 8, 8, 1), dtype=np.uint8),
+        np.repeat(np.arange(3), 30),
+        ("a", "b", "c"),
+    )
+    write_image_set(tmp_path / "raw", raw)
+    cfg = project_params(preprocess={"image_height": 20, "image_width": 24}).preprocess
+    preprocess.run(cfg, tmp_path / "raw", tmp_path / "prepared")
+
+    counts = json.loads((tmp_path / "prepared" / "counts.json").read_text())
+    total = 0
+    for split in SPLITS:
+        image_set = read_image_set(tmp_path / "prepared" / split)
+        assert image_set.image_shape == (20, 24, 1)
+        assert counts[split] == image_set.class_counts()
+        total += len(image_set.labels)
+    assert total == 90
+
+
+def test_too_few_images_for_the_split_is_a_clear_error(tmp_path):
+    raw = ImageSet(np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 0, 1, 1]), ("a", "b"))
+    write_image_set(tmp_path / "raw", raw)
+    with pytest.raises(DataError, match=r"cannot split 4 images in 2 classes"):
+        preprocess.run(project_params().preprocess, tmp_path / "raw", tmp_path / "prepared")
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_single_class_is_rejected(tmp_path):
+    raw = ImageSet(np.zeros((40, 8, 8, 1), np.uint8), np.zeros(40, np.int64), ("only",))
+    write_image_set(tmp_path / "raw", raw)
+    with pytest.raises(DataError, match="need at least 2 classes"):
+        preprocess.run(project_params().preprocess, tmp_path / "raw", tmp_path / "prepared")

@@ -1,0 +1,51 @@
+import subprocess
+
+from stages import tracking
+
+
+def test_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (
+        tracking._artifact_location(tracking.tracking_uri()) == (tmp_path / "mlartifacts").as_uri()
+    )
+
+
+def test_environment_overrides_store_and_experiment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5999"
+    assert tracking.experiment_name() == "team"
+    assert tracking._artifact_location("http://127.0.0.1:5999") is None
+
+
+def git(repo, *args):
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_lineage_tags_name_the_commit_dirtiness_and_dvc_experiment(tmp_path, monkeypatch):
+    git(tmp_path, "init", "-q")
+    (tmp_path / "file.txt").write_text("one")
+    git(tmp_path, "add", "file.txt")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-lark")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    assert tracking.lineage_tags() == {
+        "mlflow.source.git.commit": git(tmp_path, "rev-parse", "HEAD"),
+        "git.dirty": "false",
+        "dvc.exp_name": "lucky-lark",
+    }
+    (tmp_path / "file.txt").write_text("two")
+    assert tracking.lineage_tags()["git.dirty"] == "true"
+
+
+def test_outside_git_there_are_no_git_tags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    assert tracking.lineage_tags() == {}

@@ -1,0 +1,123 @@
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages import train
+from stages.dataset import read_image_set
+from stages.errors import TrainingDiverged
+from stages.model import load_model
+from tests.conftest import DVC_EXPERIMENT, TRAIN_EPOCHS, project_params
+
+
+def test_train_writes_model_history_metrics_and_run_id(trained):
+    history = pd.read_csv(trained.history_path)
+    assert list(history.columns) == train.HISTORY_COLUMNS
+    assert list(history["epoch"]) == list(range(1, TRAIN_EPOCHS + 1))
+    metrics = json.loads(trained.metrics_path.read_text())
+    assert metrics == pytest.approx(history.iloc[-1].drop("epoch").to_dict())
+    assert json.loads(trained.run_info_path.read_text())["run_id"] == trained.result.run_id
+    # Three epochs on the digits already beat chance (10 %) by far.
+    assert metrics["val_accuracy"] > 0.8
+
+
+def test_saved_model_reloads_and_predicts_like_the_trained_one(trained):
+    images = read_image_set(trained.data_dir / "test").images[:32]
+    reloaded = load_model(str(trained.model_path))
+    np.testing.assert_allclose(
+        reloaded.predict(images, verbose=0),
+        trained.result.model.predict(images, verbose=0),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_training_run_is_finished_with_params_epoch_metrics_and_tags(trained):
+    client = mlflow.MlflowClient(tracking_uri=trained.store_uri)
+    run = client.get_run(trained.result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == DVC_EXPERIMENT
+    assert run.data.params == {key: str(value) for key, value in trained.params.flat().items()}
+    assert run.data.tags["dvc.exp_name"] == DVC_EXPERIMENT
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    history = pd.read_csv(trained.history_path)
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        logged = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in logged] == list(range(1, TRAIN_EPOCHS + 1))
+        assert [m.value for m in logged] == pytest.approx(list(history[metric]))
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "history.csv" in artifacts
+
+
+def nan_model(input_shape, num_classes):
+    """A model whose outputs, and so whose loss, are NaN from the first batch."""
+    inputs = keras.Input(shape=input_shape, dtype="uint8")
+    x = keras.layers.Rescaling(float("nan"))(inputs)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
+
+
+def test_diverging_training_fails_the_run_and_saves_no_model(
+    prepared_digits, tmp_path, mlflow_store, monkeypatch
+):
+    monkeypatch.setattr(
+        train, "build_model", lambda _name, shape, classes: nan_model(shape, classes)
+    )
+    model_path = tmp_path / "model.keras"
+    with pytest.raises(TrainingDiverged, match=r"training loss became nan at epoch 1, batch 1"):
+        train.run(
+            project_params(train={"epochs": 2}),
+            prepared_digits,
+            model_path,
+            tmp_path / "history.csv",
+            tmp_path / "train.json",
+            tmp_path / "run.json",
+        )
+    assert not model_path.exists()
+    assert not (tmp_path / "run.json").exists()
+    runs = mlflow.MlflowClient(tracking_uri=mlflow_store).search_runs(
+        [mlflow.get_experiment_by_name("tests").experiment_id]
+    )
+    assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_train_main_exits_nonzero_on_missing_data_and_opens_no_run(tmp_path, mlflow_store, capsys):
+    code = train.main(["--params", "params.yaml", "--data", str(tmp_path / "nothing")])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"train: error: {tmp_path / 'nothing' / 'train' / 'images.npy'}: missing; "
+        "run the stage that writes it first"
+    )
+    assert (
+        mlflow.MlflowClient(tracking_uri=mlflow_store).search_experiments(
+            filter_string="name = 'tests'"
+        )
+        == []
+    )
+
+
+def test_interrupted_training_ends_the_run_killed_and_saves_no_model(
+    prepared_digits, tmp_path, mlflow_store, monkeypatch
+):
+    def interrupt(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.MlflowEpochLogger, "on_epoch_end", interrupt)
+    model_path = tmp_path / "model.keras"
+    with pytest.raises(KeyboardInterrupt):
+        train.run(
+            project_params(train={"epochs": 2}),
+            prepared_digits,
+            model_path,
+            tmp_path / "history.csv",
+            tmp_path / "train.json",
+            tmp_path / "run.json",
+        )
+    assert not model_path.exists()
+    runs = mlflow.MlflowClient(tracking_uri=mlflow_store).search_runs(
+        [mlflow.get_experiment_by_name("tests").experiment_id]
+    )
+    assert [run.info.status for run in runs] == ["KILLED"]
