@@ -22,10 +22,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+SOURCES_WITH_PATH = ("idx_dir", "folder", "archive")
+MIRROR_SCHEMES = ("https://", "http://", "file://")
+
+
 class DataParams(_Section):
     """Where the raw images come from (stage ``download``)."""
 
-    source: Literal["digits"]
+    source: Literal["digits", "mnist", "fashion_mnist", "idx_dir", "folder", "archive"]
+    path: str | None
+    mirrors: list[str]
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> DataParams:
+        if self.source in SOURCES_WITH_PATH and not self.path:
+            raise ValueError(f"data.path: required when data.source is {self.source}")
+        for mirror in self.mirrors:
+            if not mirror.startswith(MIRROR_SCHEMES):
+                raise ValueError(
+                    f"data.mirrors: {mirror!r} must start with one of {', '.join(MIRROR_SCHEMES)}"
+                )
+        return self
 
 
 class PreprocessParams(_Section):
@@ -34,6 +51,8 @@ class PreprocessParams(_Section):
     image_height: int = Field(ge=8, le=1024)
     image_width: int = Field(ge=8, le=1024)
     channels: Literal[1, 3]
+    resize: Literal["stretch", "pad", "crop"]
+    max_skipped_fraction: float = Field(ge=0, le=1)
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
     seed: int = Field(ge=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,6 +190,21 @@ def log_artifact(path: Path, artifact_dir: str | None = None) -> None:
 
     with _reporting_mlflow_errors():
         mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+
+def log_dataset(
+    images: np.ndarray, labels: np.ndarray, name: str, source: str, context: str
+) -> str:
+    """Record a dataset as an input of the active run (MLflow computes its digest)."""
+    import mlflow
+    import mlflow.data
+
+    with _reporting_mlflow_errors(), warnings.catch_warnings():
+        # A local path matches two registered source types that mean the same thing.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(images, targets=labels, name=name, source=source)
+        mlflow.log_input(dataset, context=context)
+    return dataset.digest
 
 
 def log_figure(figure: Any, artifact_file: str) -> None:

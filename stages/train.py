@@ -22,7 +22,7 @@ from stages import tracking
 from stages.atomic import atomic_path, write_json, write_text
 from stages.cli import run_stage
 from stages.config import DEFAULT_PARAMS_PATH, Params, load_params
-from stages.dataset import read_splits
+from stages.dataset import CLASSES_FILE, read_splits
 from stages.errors import TrainingDiverged
 from stages.model import build_model
 
@@ -66,6 +66,21 @@ class TrainResult:
     model: keras.Model
 
 
+def log_data(params: Params, data_dir: Path, splits: dict, data_report: Path | None) -> None:
+    """Tie the run to its data: each split as an MLflow dataset input, and the data report."""
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "testing")):
+        tracking.log_dataset(
+            splits[split].images,
+            splits[split].labels,
+            name=f"{params.data.source}-{split}",
+            source=str((data_dir / split).resolve()),
+            context=context,
+        )
+    tracking.log_artifact(data_dir / CLASSES_FILE, "data")
+    if data_report is not None and data_report.is_file():
+        tracking.log_artifact(data_report, "data")
+
+
 def run(
     params: Params,
     data_dir: Path,
@@ -73,6 +88,7 @@ def run(
     history_path: Path,
     metrics_path: Path,
     run_info_path: Path,
+    data_report: Path | None = None,
 ) -> TrainResult:
     """Train ``params.train.architecture`` on ``data_dir`` and write the four outputs."""
     cfg = params.train
@@ -86,6 +102,7 @@ def run(
         metrics=["accuracy"],
     )
     with tracking.training_run(params.flat()) as run_id:
+        log_data(params, data_dir, splits, data_report)
         fit = model.fit(
             train.images,
             train.labels,
@@ -140,6 +157,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--run-info", type=Path, default=Path("lineage/train_run.json"), help="MLflow run id out"
     )
+    parser.add_argument(
+        "--data-report", type=Path, default=Path("reports/data.md"), help="data report to log"
+    )
     return parser.parse_args(argv)
 
 
@@ -154,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.history,
             args.metrics,
             args.run_info,
+            args.data_report,
         ),
     )
 

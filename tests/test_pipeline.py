@@ -17,7 +17,7 @@ import yaml
 
 from stages.dataset import read_image_set
 from stages.model import load_model
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, make_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +58,8 @@ def set_params(repo: Path, **train: int) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh git repository holding the project, after one `dvc repro`."""
-    repo = tmp_path_factory.mktemp("project")
+def copy_project(repo: Path) -> None:
+    """Copy what a clone of the project holds (no outputs, no venv) into ``repo``."""
     for name in PROJECT_FILES:
         source, target = PROJECT_ROOT / name, repo / name
         if source.is_dir():
@@ -69,12 +67,23 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
-    set_params(repo, epochs=EPOCHS)
+
+
+def init_git(repo: Path) -> None:
     run(repo, "git", "init", "-q")
     run(repo, "git", "config", "user.name", "Pipeline Test")
     run(repo, "git", "config", "user.email", "pipeline-test@example.invalid")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "project")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git repository holding the project, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("project")
+    copy_project(repo)
+    set_params(repo, epochs=EPOCHS)
+    init_git(repo)
     output = run(repo, "dvc", "repro")
     assert stages_run(output) == STAGES
     return repo
@@ -91,8 +100,10 @@ def runs_by_name(repo: Path) -> dict:
 
 def test_repro_writes_every_output_and_metric(repo):
     for path in (
-        "data/raw/images.npy",
+        "data/raw/pool/images.npy",
         "data/prepared/test/images.npy",
+        "data/prepared/classes.json",
+        "reports/data.md",
         "models/model.keras",
         "plots/history.csv",
         "plots/confusion.csv",
@@ -101,6 +112,8 @@ def test_repro_writes_every_output_and_metric(repo):
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(evaluation) == {"loss", "accuracy"}
     assert evaluation["accuracy"] > 0.75  # two epochs; ten classes
+    data = json.loads((repo / "metrics/data.json").read_text())
+    assert data["images"] == {"train": 1257, "val": 270, "test": 270}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
 
@@ -174,3 +187,38 @@ def test_exp_run_shows_in_exp_show_and_names_its_mlflow_run(repo):
     assert tracked.data.tags["dvc.exp_name"] == "two-epochs"
     assert tracked.info.status == "FINISHED"
     assert tracked.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+
+
+def test_repro_trains_on_a_folder_of_rgb_photos_at_64x64(tmp_path_factory):
+    """The same pipeline, pointed by params alone at two classes of mixed-format photos."""
+    repo = tmp_path_factory.mktemp("photos-project")
+    photos = tmp_path_factory.mktemp("photos")
+    make_image_folder(photos, per_class=40, broken=True)
+    copy_project(repo)
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["data"].update(source="folder", path=str(photos))
+    params["preprocess"].update(
+        image_height=64,
+        image_width=64,
+        channels=3,
+        resize="pad",
+        max_skipped_fraction=0.05,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    params["train"].update(epochs=4, batch_size=16)
+    params["export"]["model_name"] = "pets-cnn"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    init_git(repo)
+
+    assert stages_run(run(repo, "dvc", "repro")) == STAGES
+    test = read_image_set(repo / "data/prepared/test")
+    assert test.image_shape == (64, 64, 3)
+    assert test.class_names == ("cats", "dogs")
+    assert json.loads((repo / "metrics/data.json").read_text())["skipped_files"] == 3
+    model = load_model(str(repo / "models/model.keras"))
+    assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 2)
+    # Bright left half versus bright right half: four epochs separate them.
+    assert json.loads((repo / "metrics/evaluate.json").read_text())["accuracy"] >= 0.8
+    assert json.loads((repo / "lineage/registered_model.json").read_text())["name"] == "pets-cnn"

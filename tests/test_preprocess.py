@@ -4,14 +4,21 @@ import numpy as np
 import pytest
 
 from stages import preprocess
-from stages.dataset import SPLITS, ImageSet, read_image_set, write_image_set
+from stages.dataset import SPLITS, ImageSet, read_image_set
 from stages.errors import DataError
-from tests.conftest import project_params
+from stages.images import resize_images
+from tests.conftest import make_image_folder, project_params, write_raw_pool
+
+
+def run_preprocess(cfg, tmp_path):
+    return preprocess.run(
+        cfg, tmp_path / "raw", tmp_path / "prepared", tmp_path / "data.json", tmp_path / "data.md"
+    )
 
 
 def test_resize_makes_every_image_the_configured_size():
     gradient = np.tile(np.linspace(0, 255, 8, dtype=np.uint8), (3, 8, 1))[..., None]
-    resized = preprocess.resize_images(gradient, 28, 20, 1)
+    resized = resize_images(gradient, 28, 20, 1)
     assert resized.shape == (3, 28, 20, 1)
     assert resized.dtype == np.uint8
     # Bilinear resizing keeps a left-to-right ramp a ramp.
@@ -20,11 +27,11 @@ def test_resize_makes_every_image_the_configured_size():
 
 def test_resize_converts_grayscale_to_rgb_and_back():
     gray = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
-    rgb = preprocess.resize_images(gray, 28, 28, 3)
+    rgb = resize_images(gray, 28, 28, 3)
     assert rgb.shape == (2, 28, 28, 3)
     np.testing.assert_array_equal(rgb[..., 0], gray[..., 0])
     np.testing.assert_array_equal(rgb[..., 2], gray[..., 0])
-    np.testing.assert_array_equal(preprocess.resize_images(rgb, 28, 28, 1), gray)
+    np.testing.assert_array_equal(resize_images(rgb, 28, 28, 1), gray)
 
 
 def test_split_is_stratified_disjoint_and_complete():
@@ -54,11 +61,15 @@ def test_run_writes_three_splits_and_their_counts(tmp_path):
         np.repeat(np.arange(3), 30),
         ("a", "b", "c"),
     )
-    write_image_set(tmp_path / "raw", raw)
+    write_raw_pool(tmp_path / "raw", raw)
     cfg = project_params(preprocess={"image_height": 20, "image_width": 24}).preprocess
-    preprocess.run(cfg, tmp_path / "raw", tmp_path / "prepared")
+    run_preprocess(cfg, tmp_path)
 
     counts = json.loads((tmp_path / "prepared" / "counts.json").read_text())
+    assert json.loads((tmp_path / "prepared" / "classes.json").read_text()) == ["a", "b", "c"]
+    assert json.loads((tmp_path / "data.json").read_text())["images"]["test"] == len(
+        read_image_set(tmp_path / "prepared" / "test").labels
+    )
     total = 0
     for split in SPLITS:
         image_set = read_image_set(tmp_path / "prepared" / split)
@@ -70,14 +81,71 @@ def test_run_writes_three_splits_and_their_counts(tmp_path):
 
 def test_too_few_images_for_the_split_is_a_clear_error(tmp_path):
     raw = ImageSet(np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 0, 1, 1]), ("a", "b"))
-    write_image_set(tmp_path / "raw", raw)
+    write_raw_pool(tmp_path / "raw", raw)
     with pytest.raises(DataError, match=r"cannot split 4 images in 2 classes"):
-        preprocess.run(project_params().preprocess, tmp_path / "raw", tmp_path / "prepared")
+        run_preprocess(project_params().preprocess, tmp_path)
     assert not (tmp_path / "prepared").exists()
 
 
 def test_a_single_class_is_rejected(tmp_path):
     raw = ImageSet(np.zeros((40, 8, 8, 1), np.uint8), np.zeros(40, np.int64), ("only",))
-    write_image_set(tmp_path / "raw", raw)
+    write_raw_pool(tmp_path / "raw", raw)
     with pytest.raises(DataError, match="need at least 2 classes"):
-        preprocess.run(project_params().preprocess, tmp_path / "raw", tmp_path / "prepared")
+        run_preprocess(project_params().preprocess, tmp_path)
+
+
+def photo_params(**preprocess_overrides):
+    return project_params(
+        preprocess={
+            "image_height": 32,
+            "image_width": 32,
+            "channels": 3,
+            "resize": "pad",
+            "val_fraction": 0.25,
+            "test_fraction": 0.25,
+            **preprocess_overrides,
+        }
+    ).preprocess
+
+
+def download_photos(tmp_path, **folder_options):
+    from stages import download
+    from stages.config import DataParams
+
+    written = make_image_folder(tmp_path / "photos", **folder_options)
+    download.run(
+        DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[]), tmp_path / "raw"
+    )
+    return written
+
+
+def test_folder_images_of_every_kind_are_decoded_and_broken_ones_reported(tmp_path):
+    download_photos(tmp_path, per_class=8)
+    splits = run_preprocess(photo_params(max_skipped_fraction=0.2), tmp_path)
+    assert sum(len(s.labels) for s in splits.values()) == 16
+    assert all(s.image_shape == (32, 32, 3) for s in splits.values())
+    # Cats are bright on the left, dogs on the right, whatever the file's mode or size.
+    train = splits["train"]
+    left, right = (
+        train.images[:, :, :12].mean(axis=(1, 2, 3)),
+        train.images[:, :, 20:].mean(axis=(1, 2, 3)),
+    )
+    np.testing.assert_array_equal(left > right, train.labels == 0)
+
+    metrics = json.loads((tmp_path / "data.json").read_text())
+    assert metrics["skipped_files"] == 3
+    report = (tmp_path / "data.md").read_text()
+    assert "| cats/truncated.jpg | corrupt or truncated" in report
+    assert "| dogs/empty.png     | empty file" in report
+    assert "| dogs/notes.txt     | not an image" in report
+    for kind in ("| JPEG ", "| PNG ", "| GIF ", "| BMP ", "| WEBP "):
+        assert kind in report
+
+
+def test_too_many_broken_files_fail_the_stage_and_write_nothing(tmp_path):
+    download_photos(tmp_path, per_class=8)
+    with pytest.raises(DataError, match=r"3 of 19 files are unusable \(15.8%\), above preprocess"):
+        run_preprocess(photo_params(max_skipped_fraction=0.1), tmp_path)
+    assert not (tmp_path / "prepared").exists()
+    assert not (tmp_path / "data.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

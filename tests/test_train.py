@@ -50,6 +50,20 @@ def test_training_run_is_finished_with_params_epoch_metrics_and_tags(trained):
         assert [m.value for m in logged] == pytest.approx(list(history[metric]))
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "history.csv" in artifacts
+    data_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert data_artifacts == {"data/classes.json", "data/data.md"}
+
+
+def test_training_run_records_each_split_as_a_dataset_input(trained):
+    run = mlflow.MlflowClient(tracking_uri=trained.store_uri).get_run(trained.result.run_id)
+    inputs = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in run.inputs.dataset_inputs
+    }
+    assert set(inputs) == {"training", "validation", "testing"}
+    assert inputs["training"].name == "digits-train"
+    assert len({dataset.digest for dataset in inputs.values()}) == 3  # three different splits
+    assert json.loads(inputs["testing"].profile)["features_shape"] == [270, 28, 28, 1]
 
 
 def nan_model(input_shape, num_classes):
