@@ -17,7 +17,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help install run test ui lint format clean
+.PHONY: help install run test ui lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ lint: install ## ruff check and format check
 
 format: install ## apply ruff's fixes and formatting
 	ruff check --fix . && ruff format .
+
+bench: install ## run the benchmarks (full MNIST reads ../shared/data/mnist); JSON in benchmarks/results
+	python -m benchmarks.ingest --images 3000
+	python -m benchmarks.mnist --epochs 10 --batch-size 64
 
 clean: ## remove pipeline outputs and the local MLflow store (keeps .venv)
 	rm -rf data models mlflow.db mlartifacts .dvc/tmp .dvc/cache

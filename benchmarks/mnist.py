@@ -1,0 +1,99 @@
+"""Full-scale accuracy: the pipeline's stages on the real MNIST, as the idx_dir source.
+
+Runs download, preprocess, train and evaluate (each stage's real ``run``) on the 70,000
+digits in ``../shared/data/mnist`` in a temporary folder with its own MLflow store, and
+reports test accuracy on MNIST's own 10,000 test digits with the time of each stage.
+
+    python -m benchmarks.mnist --epochs 10 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+RESULTS_DIR = Path("benchmarks/results")
+SHARED_MNIST = Path("../shared/data/mnist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.mnist", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--data", type=Path, default=SHARED_MNIST, help="folder of IDX files")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--architecture", default="reference_cnn")
+    args = parser.parse_args(argv)
+
+    from stages import download, evaluate, preprocess, train
+    from stages.config import parse_params
+
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["data"].update(source="idx_dir", path=str(args.data.resolve()))
+    raw["preprocess"].update(image_height=28, image_width=28, channels=1, val_fraction=0.1)
+    raw["train"].update(
+        architecture=args.architecture, epochs=args.epochs, batch_size=args.batch_size
+    )
+    params = parse_params(raw, "params.yaml (benchmark overrides)")
+
+    seconds = {}
+    with tempfile.TemporaryDirectory() as work:
+        root = Path(work)
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        started = time.perf_counter()
+        download.run(params.data, root / "raw")
+        seconds["download"] = time.perf_counter() - started
+        started = time.perf_counter()
+        preprocess.run(
+            params.preprocess, root / "raw", root / "prepared", root / "data.json", root / "data.md"
+        )
+        seconds["preprocess"] = time.perf_counter() - started
+        started = time.perf_counter()
+        result = train.run(
+            params,
+            root / "prepared",
+            root / "model.keras",
+            root / "history.csv",
+            root / "train.json",
+            root / "run.json",
+        )
+        seconds["train"] = time.perf_counter() - started
+        started = time.perf_counter()
+        metrics = evaluate.run(
+            params.evaluate,
+            root / "prepared",
+            root / "model.keras",
+            root / "run.json",
+            root / "evaluate.json",
+            root / "confusion.csv",
+        )
+        seconds["evaluate"] = time.perf_counter() - started
+        data = json.loads((root / "data.json").read_text())
+
+    summary = {
+        "data": str(args.data),
+        "images": data["images"],
+        "architecture": args.architecture,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "test_accuracy": round(metrics["accuracy"], 4),
+        "test_loss": round(metrics["loss"], 4),
+        "val_accuracy_by_epoch": [round(v, 4) for v in result.history["val_accuracy"]],
+        "seconds": {stage: round(value, 1) for stage, value in seconds.items()},
+        "seconds_per_epoch": round(seconds["train"] / args.epochs, 1),
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "mnist.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
