@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.atomic import atomic_path, write_json
-from stages.cli import run_stage
-from stages.config import DEFAULT_PARAMS_PATH, DataParams, load_params
+from stages.cli import run_stage, stage_parser
+from stages.config import DataParams, load_params
 from stages.dataset import ImageSet, write_image_set
 from stages.errors import DataError
 
@@ -274,13 +274,11 @@ def run(cfg: DataParams, out_dir: Path) -> dict[str, object]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.download",
-        description="Fetch the raw images chosen by data.* in params.yaml into one folder.",
-    )
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="params file")
-    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder")
-    return parser.parse_args(argv)
+    return stage_parser(
+        "download",
+        "Fetch the raw images chosen by data.* in params.yaml into one folder.",
+        out=("data/raw", "output folder"),
+    ).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

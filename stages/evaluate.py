@@ -17,8 +17,8 @@ import pandas as pd
 
 from stages import tracking
 from stages.atomic import write_json, write_text
-from stages.cli import run_stage
-from stages.config import DEFAULT_PARAMS_PATH, EvaluateParams, load_params
+from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
+from stages.config import EvaluateParams, load_params
 from stages.dataset import ImageSet, read_image_set
 
 log = logging.getLogger(__name__)
@@ -115,23 +115,15 @@ def run(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.evaluate",
-        description="Score the trained model on the test split (params: evaluate.*).",
-    )
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="params file")
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared splits")
-    parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="model")
-    parser.add_argument(
-        "--run-info", type=Path, default=Path("lineage/train_run.json"), help="MLflow run id"
-    )
-    parser.add_argument(
-        "--metrics", type=Path, default=Path("metrics/evaluate.json"), help="test metrics out"
-    )
-    parser.add_argument(
-        "--confusion", type=Path, default=Path("plots/confusion.csv"), help="confusion rows out"
-    )
-    return parser.parse_args(argv)
+    return stage_parser(
+        "evaluate",
+        "Score the trained model on the test split (params: evaluate.*).",
+        data=PREPARED,
+        model=MODEL,
+        run_info=RUN_INFO,
+        metrics=("metrics/evaluate.json", "test metrics out"),
+        confusion=("plots/confusion.csv", "confusion rows out"),
+    ).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

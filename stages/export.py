@@ -14,8 +14,8 @@ from pathlib import Path
 
 from stages import tracking
 from stages.atomic import write_json
-from stages.cli import run_stage
-from stages.config import DEFAULT_PARAMS_PATH, ExportParams, load_params
+from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
+from stages.config import ExportParams, load_params
 from stages.dataset import read_image_set
 
 log = logging.getLogger(__name__)
@@ -43,23 +43,14 @@ def run(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.export",
-        description="Register the trained model in the MLflow model registry (params: export.*).",
-    )
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="params file")
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared splits")
-    parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="model")
-    parser.add_argument(
-        "--run-info", type=Path, default=Path("lineage/train_run.json"), help="MLflow run id"
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("lineage/registered_model.json"),
-        help="registration record out",
-    )
-    return parser.parse_args(argv)
+    return stage_parser(
+        "export",
+        "Register the trained model in the MLflow model registry (params: export.*).",
+        data=PREPARED,
+        model=MODEL,
+        run_info=RUN_INFO,
+        out=("lineage/registered_model.json", "registration record out"),
+    ).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from stages.atomic import atomic_path, write_json, write_text
-from stages.cli import run_stage
-from stages.config import DEFAULT_PARAMS_PATH, PreprocessParams, load_params
+from stages.cli import PREPARED, run_stage, stage_parser
+from stages.config import PreprocessParams, load_params
 from stages.dataset import CLASSES_FILE, SPLITS, ImageSet, read_image_set, write_image_set
 from stages.download import FILES_DIR, SOURCE_FILE
 from stages.errors import DataError
@@ -221,20 +221,14 @@ def run(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.preprocess",
-        description="Decode, resize and split raw images (params: preprocess.*); report on them.",
-    )
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="params file")
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw images")
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"), help="output folder")
-    parser.add_argument(
-        "--metrics", type=Path, default=Path("metrics/data.json"), help="data metrics out"
-    )
-    parser.add_argument(
-        "--report", type=Path, default=Path("reports/data.md"), help="Markdown data report out"
-    )
-    return parser.parse_args(argv)
+    return stage_parser(
+        "preprocess",
+        "Decode, resize and split raw images (params: preprocess.*); report on them.",
+        raw=("data/raw", "raw images (download's output)"),
+        out=(PREPARED[0], "output folder"),
+        metrics=("metrics/data.json", "data metrics out"),
+        report=("reports/data.md", "Markdown data report out"),
+    ).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,8 +20,8 @@ import pandas as pd
 
 from stages import tracking
 from stages.atomic import atomic_path, write_json, write_text
-from stages.cli import run_stage
-from stages.config import DEFAULT_PARAMS_PATH, Params, load_params
+from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
+from stages.config import Params, load_params
 from stages.dataset import CLASSES_FILE, read_splits
 from stages.errors import TrainingDiverged
 from stages.model import build_model
@@ -141,26 +141,16 @@ def run(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.train",
-        description="Train the CNN (params: train.*) on the prepared splits, tracked in MLflow.",
-    )
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH, help="params file")
-    parser.add_argument("--data", type=Path, default=Path("data/prepared"), help="prepared splits")
-    parser.add_argument("--model", type=Path, default=Path("models/model.keras"), help="model out")
-    parser.add_argument(
-        "--history", type=Path, default=Path("plots/history.csv"), help="per-epoch CSV out"
-    )
-    parser.add_argument(
-        "--metrics", type=Path, default=Path("metrics/train.json"), help="final metrics out"
-    )
-    parser.add_argument(
-        "--run-info", type=Path, default=Path("lineage/train_run.json"), help="MLflow run id out"
-    )
-    parser.add_argument(
-        "--data-report", type=Path, default=Path("reports/data.md"), help="data report to log"
-    )
-    return parser.parse_args(argv)
+    return stage_parser(
+        "train",
+        "Train the CNN (params: train.*) on the prepared splits, tracked in MLflow.",
+        data=PREPARED,
+        model=(MODEL[0], "model out"),
+        history=("plots/history.csv", "per-epoch CSV out"),
+        metrics=("metrics/train.json", "final metrics out"),
+        run_info=(RUN_INFO[0], "MLflow run id out"),
+        data_report=("reports/data.md", "data report to log"),
+    ).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
