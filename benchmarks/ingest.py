@@ -11,7 +11,6 @@ download and preprocess stages. Prints and writes images/s and peak RSS for both
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS_DIR = Path("benchmarks/results")
+from benchmarks import report
 
 BASELINE = """
 import sys, numpy as np
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         **{name: {k: round(v, 2) for k, v in r.items()} for name, r in results.items()},
         "speedup": round(results["baseline"]["seconds"] / results["pipeline"]["seconds"], 2),
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "ingest.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    report("ingest", summary)
     return 0
 
 

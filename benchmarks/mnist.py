@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-RESULTS_DIR = Path("benchmarks/results")
+from benchmarks import report
+
 SHARED_MNIST = Path("../shared/data/mnist")
 
 
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {stage: round(value, 1) for stage, value in seconds.items()},
         "seconds_per_epoch": round(seconds["train"] / args.epochs, 1),
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "mnist.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    report("mnist", summary)
     return 0
 
 

@@ -66,6 +66,13 @@ def test_training_run_records_each_split_as_a_dataset_input(trained):
     assert json.loads(inputs["testing"].profile)["features_shape"] == [270, 28, 28, 1]
 
 
+def run_statuses(store_uri: str) -> list[str]:
+    """The status of every run in the test experiment of ``store_uri``."""
+    client = mlflow.MlflowClient(tracking_uri=store_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    return [run.info.status for run in runs]
+
+
 def nan_model(input_shape, num_classes):
     """A model whose outputs, and so whose loss, are NaN from the first batch."""
     inputs = keras.Input(shape=input_shape, dtype="uint8")
@@ -92,10 +99,7 @@ def test_diverging_training_fails_the_run_and_saves_no_model(
         )
     assert not model_path.exists()
     assert not (tmp_path / "run.json").exists()
-    runs = mlflow.MlflowClient(tracking_uri=mlflow_store).search_runs(
-        [mlflow.get_experiment_by_name("tests").experiment_id]
-    )
-    assert [run.info.status for run in runs] == ["FAILED"]
+    assert run_statuses(mlflow_store) == ["FAILED"]
 
 
 def test_train_main_exits_nonzero_on_missing_data_and_opens_no_run(tmp_path, mlflow_store, capsys):
@@ -131,7 +135,4 @@ def test_interrupted_training_ends_the_run_killed_and_saves_no_model(
             tmp_path / "run.json",
         )
     assert not model_path.exists()
-    runs = mlflow.MlflowClient(tracking_uri=mlflow_store).search_runs(
-        [mlflow.get_experiment_by_name("tests").experiment_id]
-    )
-    assert [run.info.status for run in runs] == ["KILLED"]
+    assert run_statuses(mlflow_store) == ["KILLED"]
