@@ -21,7 +21,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -125,9 +125,7 @@ def _tar_members(archive: Path, bundle: tarfile.TarFile, max_members: int) -> li
         if not (info.isfile() or info.isdir()):
             raise ArchiveError(f"{archive}: member {info.name!r} has unsupported type {info.type}")
         size = info.size if info.isfile() else 0
-        members.append(
-            _Member(info.name, info.isdir(), size, lambda i=info: bundle.extractfile(i))
-        )
+        members.append(_Member(info.name, info.isdir(), size, lambda i=info: bundle.extractfile(i)))
         if len(members) > max_members:
             break
     return members
@@ -226,9 +224,12 @@ def _archive_kind(archive: Path) -> str:
 @contextmanager
 def _open_bundle(archive: Path, kind: str) -> Iterator[zipfile.ZipFile | tarfile.TarFile]:
     """The open zip or tar, closed afterwards; corruption found on opening is an ArchiveError."""
-    with _reading(archive):
-        bundle = zipfile.ZipFile(archive) if kind == "zip" else tarfile.open(archive, "r:*")
-    with bundle:
+    with ExitStack() as stack:
+        with _reading(archive):
+            if kind == "zip":
+                bundle = stack.enter_context(zipfile.ZipFile(archive))
+            else:  # "r:*": plain, gzip, bzip2 or xz, told by content
+                bundle = stack.enter_context(tarfile.open(archive, "r:*"))
         yield bundle
 
 

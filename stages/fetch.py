@@ -76,7 +76,9 @@ def _open(url: str, timeout: float) -> BinaryIO:
     except urllib.error.URLError as error:
         reason = error.reason
         if scheme == "file":
-            raise _Permanent(_reason(reason) if isinstance(reason, OSError) else str(reason)) from None
+            raise _Permanent(
+                _reason(reason) if isinstance(reason, OSError) else str(reason)
+            ) from None
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise _Permanent(f"TLS certificate rejected: {reason.verify_message}") from None
         raise _Transient(
