@@ -75,10 +75,11 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    """What the model is registered as in the MLflow model registry (stage ``export``)."""
+    """What the model is registered as, and when it becomes @champion (stage ``export``)."""
 
     model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-]*$")
-    alias: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z][\w\-]*$")
+    accuracy_floor: float = Field(ge=0, le=1)
+    promotion_margin: float = Field(ge=0, le=1)
 
 
 class Params(_Section):

@@ -1,8 +1,13 @@
-"""Stage ``export``: log the trained model to MLflow and register it in the model registry.
+"""Stage ``export``: register the trained model, and promote it only if it beats the champion.
 
-Registers a new version of ``export.model_name`` from the training run, with a signature
-and an input example, points ``export.alias`` at it, and writes what it registered to a
-file DVC tracks. Registration is the last step: a failure before it registers nothing.
+The new model and the registered model's current ``@champion`` are scored on the same
+test split. The new version becomes ``@champion`` only if its accuracy clears
+``export.accuracy_floor`` and beats the champion's by at least ``export.promotion_margin``
+(the first model to clear the floor becomes champion); otherwise it is registered as
+``@challenger`` and the champion stays. The decision, with both scores and the reason,
+goes to a DVC metrics file, to tags on the model version and the run, and to the
+registration record. Registration is the last step: a failure before it registers
+nothing and never moves the champion.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages import tracking
@@ -17,10 +23,44 @@ from stages.atomic import write_json
 from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from stages.config import ExportParams, load_params
 from stages.dataset import read_image_set
+from stages.errors import StageError
+from stages.evaluate import score
 
 log = logging.getLogger(__name__)
 
+CHAMPION = "champion"
+CHALLENGER = "challenger"
 INPUT_EXAMPLE_SIZE = 4
+PREDICT_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the new model becomes champion, and why."""
+
+    promoted: bool
+    reason: str
+
+    @property
+    def alias(self) -> str:
+        return CHAMPION if self.promoted else CHALLENGER
+
+
+def decide(
+    candidate: float, champion: float | None, cfg: ExportParams, champion_version: int | None
+) -> Decision:
+    """The promotion rule: clear the floor, then beat the champion by the margin."""
+    if candidate < cfg.accuracy_floor:
+        return Decision(
+            False, f"test accuracy {candidate:.4f} is below the floor {cfg.accuracy_floor}"
+        )
+    if champion is None:
+        return Decision(True, f"first model to clear the floor {cfg.accuracy_floor}")
+    gain = candidate - champion
+    versus = f"champion version {champion_version} ({champion:.4f}) by {gain:+.4f}"
+    if gain >= cfg.promotion_margin:
+        return Decision(True, f"beats {versus}, at least the margin {cfg.promotion_margin}")
+    return Decision(False, f"does not beat {versus}; the margin is {cfg.promotion_margin}")
 
 
 def run(
@@ -29,27 +69,71 @@ def run(
     model_path: Path,
     run_info_path: Path,
     registered_path: Path,
-) -> dict[str, str | int]:
-    """Register ``model_path`` under ``cfg.model_name`` and write the registration record."""
+    decision_path: Path,
+) -> dict[str, object]:
+    """Score, decide, register under ``cfg.model_name``, and write the record and decision."""
     from stages.model import load_model
 
     run_id = tracking.read_run_id(run_info_path)
-    input_example = read_image_set(Path(data_dir) / "test").images[:INPUT_EXAMPLE_SIZE]
+    test = read_image_set(Path(data_dir) / "test")
     model = load_model(str(model_path))
+    candidate = score(model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0), test.labels)
     with tracking.resumed_run(run_id):
-        registered = tracking.register_model(model, cfg.model_name, cfg.alias, input_example)
-    write_json(registered_path, registered)
-    return registered
+        champion_version = champion_accuracy = None
+        champion = tracking.aliased_model(cfg.model_name, CHAMPION)
+        if champion is not None:
+            champion_version, champion_model = champion
+            try:
+                probabilities = champion_model.predict(test.images)
+            except Exception as error:
+                raise StageError(
+                    f"the champion, {cfg.model_name} version {champion_version}, cannot score "
+                    f"this test set ({str(error).splitlines()[0]}); for a different kind of "
+                    "data, register under another export.model_name"
+                ) from None
+            champion_accuracy = score(probabilities, test.labels)["accuracy"]
+        decision = decide(candidate["accuracy"], champion_accuracy, cfg, champion_version)
+        tags = {
+            "promotion.decision": decision.alias,
+            "promotion.reason": decision.reason,
+            "promotion.candidate_accuracy": f"{candidate['accuracy']:.6f}",
+            "promotion.champion_accuracy": ""
+            if champion_accuracy is None
+            else f"{champion_accuracy:.6f}",
+            "promotion.champion_version": "" if champion_version is None else str(champion_version),
+        }
+        registered = tracking.register_model(
+            model, cfg.model_name, decision.alias, test.images[:INPUT_EXAMPLE_SIZE], tags
+        )
+    summary = {
+        "promoted": decision.promoted,
+        "candidate_accuracy": candidate["accuracy"],
+        "champion_accuracy": champion_accuracy,
+        "champion_version": champion_version,
+    }
+    write_json(decision_path, summary)
+    record = {**registered, "decision": {**summary, "reason": decision.reason}}
+    write_json(registered_path, record)
+    log.info(
+        "%s version %s is @%s: %s",
+        cfg.model_name,
+        registered["version"],
+        decision.alias,
+        decision.reason,
+    )
+    return record
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return stage_parser(
         "export",
-        "Register the trained model in the MLflow model registry (params: export.*).",
+        "Register the trained model; promote it to @champion only if it beats the current one "
+        "(params: export.*).",
         data=PREPARED,
         model=MODEL,
         run_info=RUN_INFO,
         out=("lineage/registered_model.json", "registration record out"),
+        decision=("metrics/promotion.json", "promotion decision out (DVC metrics)"),
     ).parse_args(argv)
 
 
@@ -58,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(
         "export",
         lambda: run(
-            load_params(args.params).export, args.data, args.model, args.run_info, args.out
+            load_params(args.params).export,
+            args.data,
+            args.model,
+            args.run_info,
+            args.out,
+            args.decision,
         ),
     )
 

@@ -233,12 +233,34 @@ class _KerasFlavor:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
+def aliased_model(name: str, alias: str) -> tuple[int, Any] | None:
+    """The version of ``name`` that ``alias`` points at, loaded as pyfunc; None if none does."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        missing_model = error.error_code == "RESOURCE_DOES_NOT_EXIST"
+        missing_alias = error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in error.message
+        if missing_model or missing_alias:
+            return None
+        raise TrackingError(f"MLflow store {tracking_uri()}: {error.message}") from error
+    with _reporting_mlflow_errors():
+        return int(version.version), mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
+
+
 def register_model(
-    model: keras.Model, name: str, alias: str, input_example: np.ndarray
+    model: keras.Model,
+    name: str,
+    alias: str,
+    input_example: np.ndarray,
+    tags: Mapping[str, str] | None = None,
 ) -> dict[str, str | int]:
     """Log ``model`` to the active run, register a new version of ``name``, point ``alias`` at it.
 
-    Returns what was registered: name, version, alias, run id and model URI.
+    ``tags`` go on the new model version and on the run. Returns what was registered:
+    name, version, alias, run id and model URI.
     """
     import importlib.metadata
 
@@ -266,7 +288,11 @@ def register_model(
             registered_model_name=name,
         )
         version = int(info.registered_model_version)
-        mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+        client = mlflow.MlflowClient()
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(name, str(version), key, value)
+        mlflow.set_tags(dict(tags or {}))
+        client.set_registered_model_alias(name, alias, str(version))
     log.info("registered %s version %s as @%s", name, version, alias)
     return {
         "name": name,

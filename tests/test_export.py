@@ -7,33 +7,85 @@ import pytest
 from stages import export
 from stages.config import ExportParams
 from stages.dataset import read_image_set
-from stages.model import load_model
+from stages.model import build_model, load_model
 from stages.tracking import TrackingError
 
 
 @pytest.fixture
 def model_name(request) -> str:
     """A registered-model name of this test's own, in the session's shared store."""
-    return f"test-{request.node.name}".replace("_", "-")[:100]
+    return f"test-{request.node.name}".replace("_", "-").replace("[", "-").replace("]", "")[:100]
 
 
-def test_export_registers_a_version_with_its_alias_and_records_it(
+def params(name: str, floor: float = 0.5, margin: float = 0.0) -> ExportParams:
+    return ExportParams(model_name=name, accuracy_floor=floor, promotion_margin=margin)
+
+
+def run_export(trained, tmp_path, cfg, model_path=None, tag="export"):
+    return export.run(
+        cfg,
+        trained.data_dir,
+        model_path or trained.model_path,
+        trained.run_info_path,
+        tmp_path / f"{tag}.json",
+        tmp_path / f"{tag}-decision.json",
+    )
+
+
+@pytest.fixture(scope="module")
+def untrained_model_path(tmp_path_factory):
+    """The reference CNN with its initial weights: about 10 % accurate on the digits."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("untrained") / "model.keras"
+    build_model("reference_cnn", (28, 28, 1), 10).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "promoted", "reason"),
+    [
+        (0.80, None, False, "test accuracy 0.8000 is below the floor 0.9"),
+        (0.95, None, True, "first model to clear the floor 0.9"),
+        (
+            0.96,
+            0.95,
+            True,
+            "beats champion version 3 (0.9500) by +0.0100, at least the margin 0.01",
+        ),
+        (0.955, 0.95, False, "does not beat champion version 3 (0.9500) by +0.0050; the margin"),
+        (0.85, 0.70, False, "test accuracy 0.8500 is below the floor 0.9"),
+    ],
+)
+def test_decide_needs_the_floor_then_the_margin(candidate, champion, promoted, reason):
+    cfg = params("m", floor=0.9, margin=0.01)
+    decision = export.decide(candidate, champion, cfg, 3 if champion else None)
+    assert decision.promoted is promoted
+    assert decision.reason.startswith(reason)
+    assert decision.alias == ("champion" if promoted else "challenger")
+
+
+def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
     trained, trained_store, tmp_path, model_name
 ):
-    record_path = tmp_path / "registered_model.json"
-    record = export.run(
-        ExportParams(model_name=model_name, alias="champion"),
-        trained.data_dir,
-        trained.model_path,
-        trained.run_info_path,
-        record_path,
+    record = run_export(trained, tmp_path, params(model_name))
+    assert json.loads((tmp_path / "export.json").read_text()) == record
+    assert (record["version"], record["alias"], record["run_id"]) == (
+        1,
+        "champion",
+        trained.result.run_id,
     )
-    assert json.loads(record_path.read_text()) == record
-    assert record["run_id"] == trained.result.run_id
+    decision = json.loads((tmp_path / "export-decision.json").read_text())
+    assert decision["promoted"] is True and decision["champion_accuracy"] is None
 
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     version = client.get_model_version_by_alias(model_name, "champion")
-    assert (int(version.version), version.run_id) == (record["version"], trained.result.run_id)
+    assert (int(version.version), version.run_id) == (1, trained.result.run_id)
+    assert version.tags["promotion.decision"] == "champion"
+    assert float(version.tags["promotion.candidate_accuracy"]) == pytest.approx(
+        decision["candidate_accuracy"]
+    )
 
     mlflow.set_tracking_uri(trained_store)
     served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
@@ -47,16 +99,38 @@ def test_export_registers_a_version_with_its_alias_and_records_it(
     )
 
 
-def test_a_second_export_moves_the_alias_to_the_new_version(
+def test_first_model_below_the_floor_is_only_a_challenger(
     trained, trained_store, tmp_path, model_name
 ):
-    cfg = ExportParams(model_name=model_name, alias="champion")
-    args = (trained.data_dir, trained.model_path, trained.run_info_path)
-    first = export.run(cfg, *args, tmp_path / "first.json")
-    second = export.run(cfg, *args, tmp_path / "second.json")
-    assert (first["version"], second["version"]) == (1, 2)
+    record = run_export(trained, tmp_path, params(model_name, floor=0.9999))
+    assert record["alias"] == "challenger"
+    assert "below the floor" in record["decision"]["reason"]
+    assert export.tracking.aliased_model(model_name, "champion") is None
+
+
+def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
+    trained, trained_store, tmp_path, model_name, untrained_model_path
+):
+    cfg = params(model_name, floor=0.01, margin=0.02)
+    weak = run_export(trained, tmp_path, cfg, untrained_model_path, tag="weak")
+    strong = run_export(trained, tmp_path, cfg, tag="strong")
+    weak_again = run_export(trained, tmp_path, cfg, untrained_model_path, tag="weak-again")
+
+    assert [r["alias"] for r in (weak, strong, weak_again)] == [
+        "champion",
+        "champion",
+        "challenger",
+    ]
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     assert int(client.get_model_version_by_alias(model_name, "champion").version) == 2
+    assert int(client.get_model_version_by_alias(model_name, "challenger").version) == 3
+
+    decision = json.loads((tmp_path / "weak-again-decision.json").read_text())
+    assert decision["promoted"] is False
+    assert decision["champion_version"] == 2
+    assert decision["champion_accuracy"] > 0.8 > decision["candidate_accuracy"]
+    assert weak_again["decision"]["reason"].startswith("does not beat champion version 2")
+    assert client.get_model_version(model_name, "3").tags["promotion.decision"] == "challenger"
 
 
 def test_failed_export_registers_nothing_and_writes_no_record(
@@ -66,12 +140,14 @@ def test_failed_export_registers_nothing_and_writes_no_record(
     run_info.write_text(json.dumps({"run_id": "0" * 32}))
     with pytest.raises(TrackingError, match=r"MLflow store sqlite:///.*: Run .* not found"):
         export.run(
-            ExportParams(model_name=model_name, alias="champion"),
+            params(model_name),
             trained.data_dir,
             trained.model_path,
             run_info,
             tmp_path / "registered_model.json",
+            tmp_path / "decision.json",
         )
     assert not (tmp_path / "registered_model.json").exists()
+    assert not (tmp_path / "decision.json").exists()
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []

@@ -51,10 +51,10 @@ def stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", output)
 
 
-def set_params(repo: Path, **train: int) -> None:
+def set_params(repo: Path, section: str = "train", **values: object) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params["train"].update(train)
+    params[section].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -83,6 +83,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("project")
     copy_project(repo)
     set_params(repo, epochs=EPOCHS)
+    set_params(repo, "export", accuracy_floor=0.5)  # two epochs are not the real thing
     init_git(repo)
     output = run(repo, "dvc", "repro")
     assert stages_run(output) == STAGES
@@ -106,11 +107,20 @@ def test_repro_writes_every_output_and_metric(repo):
         "reports/data.md",
         "models/model.keras",
         "plots/history.csv",
-        "plots/confusion.csv",
+        "plots/evaluate/confusion.csv",
+        "plots/evaluate/misclassified.png",
     ):
         assert (repo / path).is_file(), path
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(evaluation) == {"loss", "accuracy"}
+    assert set(evaluation) == {
+        "loss",
+        "accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "ece",
+        "top3_accuracy",
+    }
     assert evaluation["accuracy"] > 0.75  # two epochs; ten classes
     data = json.loads((repo / "metrics/data.json").read_text())
     assert data["images"] == {"train": 1257, "val": 270, "test": 270}
@@ -135,13 +145,15 @@ def test_repro_tracks_a_finished_run_with_params_epochs_and_commit(repo):
 def test_repro_registers_the_model_under_its_alias_predicting_like_the_saved_one(repo):
     record = json.loads((repo / "lineage/registered_model.json").read_text())
     run_id = json.loads((repo / "lineage/train_run.json").read_text())["run_id"]
-    assert record == {
+    assert {k: record[k] for k in ("name", "version", "alias", "run_id", "model_uri")} == {
         "name": "digits-cnn",
         "version": 1,
         "alias": "champion",
         "run_id": run_id,
         "model_uri": "models:/digits-cnn/1",
     }
+    assert record["decision"]["reason"].startswith("first model to clear the floor")
+    assert json.loads((repo / "metrics/promotion.json").read_text())["promoted"] is True
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     served = mlflow.pyfunc.load_model("models:/digits-cnn@champion")
     images = read_image_set(repo / "data/prepared/test").images
@@ -163,7 +175,11 @@ def test_changing_epochs_reruns_only_train_evaluate_and_export(repo):
     set_params(repo, epochs=1)
     output = run(repo, "dvc", "repro")
     assert stages_run(output) == ["train", "evaluate", "export"]
-    assert json.loads((repo / "lineage/registered_model.json").read_text())["version"] == 2
+    # One epoch is worse than two: registered, but the champion stays where it was.
+    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    assert (record["version"], record["alias"]) == (2, "challenger")
+    champion = client(repo).get_model_version_by_alias("digits-cnn", "champion")
+    assert int(champion.version) == 1
 
 
 def test_exp_run_shows_in_exp_show_and_names_its_mlflow_run(repo):
