@@ -4,10 +4,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from stages import evaluate
 from stages.config import EvaluateParams
+from stages.dataset import ImageSet
 from stages.errors import StageError
+
+PICTURES = {"confusion.png", "reliability.png", "curves.png", "misclassified.png"}
+TABLES = {"confusion.csv", "per_class.csv", "calibration.csv"}
 
 
 def test_score_is_cross_entropy_and_accuracy():
@@ -23,31 +28,81 @@ def test_a_zero_probability_for_the_true_class_gives_a_finite_loss():
     assert scored["loss"] == pytest.approx(-np.log(evaluate.PROBABILITY_EPSILON))
 
 
-def test_evaluate_writes_metrics_and_confusion_and_logs_to_the_training_run(
+def test_per_class_metrics_follow_their_definitions():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 0, 1, 1, 1, 1])
+    table = evaluate.per_class_table(labels, predicted, ("a", "b", "c")).set_index("class")
+    assert table.loc["a"].tolist() == pytest.approx([1.0, 2 / 3, 0.8, 3])
+    assert table.loc["b", "precision"] == pytest.approx(2 / 4)
+    assert table.loc["c"].tolist() == pytest.approx([0.0, 0.0, 0.0, 1])  # never predicted
+
+
+def test_expected_calibration_error_weights_each_bins_gap():
+    # Two confident right answers (0.95) and two hesitant ones, one right (0.55).
+    probabilities = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
+    labels = np.array([0, 0, 0, 1])
+    ece, bins = evaluate.calibration_bins(probabilities, labels, bins=10)
+    assert bins.loc[9, ["confidence", "accuracy", "count"]].tolist() == pytest.approx([0.95, 1, 2])
+    assert bins.loc[5, ["confidence", "accuracy", "count"]].tolist() == pytest.approx([0.55, 1, 2])
+    assert ece == pytest.approx((2 * 0.05 + 2 * 0.45) / 4)
+
+
+def test_top_k_accuracy_only_with_more_than_five_classes():
+    rng = np.random.default_rng(0)
+    few = rng.dirichlet(np.ones(5), size=20)
+    many = rng.dirichlet(np.ones(10), size=20)
+    labels = np.arange(20) % 5
+    per_class = pd.DataFrame({"precision": [1.0], "recall": [1.0], "f1": [1.0]})
+    assert "top3_accuracy" not in evaluate.headline_metrics(few, labels, per_class, 0.0)
+    top3 = evaluate.headline_metrics(many, labels, per_class, 0.0)["top3_accuracy"]
+    in_top3 = [label in np.argsort(-row)[:3] for row, label in zip(many, labels, strict=True)]
+    assert top3 == pytest.approx(np.mean(in_top3))
+
+
+def test_most_confident_mistakes_come_first():
+    test = ImageSet(
+        np.arange(4, dtype=np.uint8).reshape(4, 1, 1, 1), np.array([0, 0, 1, 1]), ("a", "b")
+    )
+    probabilities = np.array([[0.4, 0.6], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])
+    images, captions = evaluate.most_confident_mistakes(test, probabilities, count=5)
+    assert images[:, 0, 0, 0].tolist() == [1, 3, 0]
+    assert captions[0] == "#1: a as b (90%)"
+
+
+def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
     trained, trained_store, tmp_path
 ):
-    metrics_path, confusion_path = tmp_path / "evaluate.json", tmp_path / "confusion.csv"
+    metrics_path, plots_dir = tmp_path / "evaluate.json", tmp_path / "plots"
     metrics = evaluate.run(
         EvaluateParams(batch_size=64),
         trained.data_dir,
         trained.model_path,
         trained.run_info_path,
+        trained.history_path,
         metrics_path,
-        confusion_path,
+        plots_dir,
     )
-    rows = pd.read_csv(confusion_path, dtype=str)
+    assert {p.name for p in plots_dir.iterdir()} == PICTURES | TABLES
+    rows = pd.read_csv(plots_dir / "confusion.csv", dtype=str)
     assert len(rows) == 270
-    assert list(rows.columns) == ["actual", "predicted"]
     assert metrics["accuracy"] == pytest.approx((rows["actual"] == rows["predicted"]).mean())
+    per_class = pd.read_csv(plots_dir / "per_class.csv")
+    assert metrics["macro_f1"] == pytest.approx(per_class["f1"].mean())
+    assert per_class["support"].sum() == 270
+    assert 0 <= metrics["ece"] < 0.5 and 0 < metrics["top3_accuracy"] <= 1
+    assert metrics["top3_accuracy"] >= metrics["accuracy"]
     assert json.loads(metrics_path.read_text()) == metrics
+    for picture in PICTURES:
+        with Image.open(plots_dir / picture) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
 
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     run = client.get_run(trained.result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
-    assert run.data.metrics["test_loss"] == pytest.approx(metrics["loss"])
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"confusion.csv", "confusion_matrix.png"} <= artifacts
+    assert run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
+    logged = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert logged == PICTURES | TABLES
 
 
 def test_evaluate_without_a_training_run_is_a_clear_error(trained, tmp_path):
@@ -57,7 +112,8 @@ def test_evaluate_without_a_training_run_is_a_clear_error(trained, tmp_path):
             trained.data_dir,
             trained.model_path,
             tmp_path / "train_run.json",
+            trained.history_path,
             tmp_path / "m.json",
-            tmp_path / "c.csv",
+            tmp_path / "p",
         )
-    assert not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "p").exists()
