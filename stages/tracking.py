@@ -233,19 +233,34 @@ class _KerasFlavor:
         mlflow.keras.save_model(path=path, **kwargs)
 
 
-def aliased_model(name: str, alias: str) -> tuple[int, Any] | None:
-    """The version of ``name`` that ``alias`` points at, loaded as pyfunc; None if none does."""
+def alias_run_id(name: str, alias: str) -> str | None:
+    """The run that made the version ``alias`` points at; None if there is none."""
+    found = aliased_version(name, alias)
+    return None if found is None else found.run_id
+
+
+def aliased_version(name: str, alias: str) -> Any | None:
+    """The model version ``name@alias``; None if the model or the alias does not exist."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as error:
         missing_model = error.error_code == "RESOURCE_DOES_NOT_EXIST"
         missing_alias = error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in error.message
         if missing_model or missing_alias:
             return None
         raise TrackingError(f"MLflow store {tracking_uri()}: {error.message}") from error
+
+
+def aliased_model(name: str, alias: str) -> tuple[int, Any] | None:
+    """The version of ``name`` that ``alias`` points at, loaded as pyfunc; None if none does."""
+    import mlflow
+
+    version = aliased_version(name, alias)
+    if version is None:
+        return None
     with _reporting_mlflow_errors():
         return int(version.version), mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
 
