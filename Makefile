@@ -17,7 +17,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help install run test ui compare lint format bench clean
+.PHONY: help install run test ui exp compare lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test: install ## run the whole test suite
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT to change)
 	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+exp: install ## dvc exp show: every param and metric, without the dependency-hash columns
+	dvc exp show --drop '^(stages|data|models|lineage|plots|reports)/|^Created$$'
 
 compare: install ## HTML comparison of the champion's run and the latest other: reports/compare.html
 	python -m stages.compare
