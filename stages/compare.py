@@ -15,7 +15,6 @@ import base64
 import html
 import io
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -171,8 +170,10 @@ def disagreements(a: RunView, b: RunView, test: ImageSet) -> dict[str, np.ndarra
 
 
 def _png(figure: Any) -> str:
+    from stages.plots import save
+
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
+    save(figure, buffer)
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 

@@ -169,7 +169,7 @@ def run(
             per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
             calibration.to_csv(tmp / "calibration.csv", index=False, float_format="%.6f")
             for name, figure in figures.items():
-                figure.savefig(tmp / name, dpi=100)
+                plots.save(figure, tmp / name)
         write_json(metrics_path, metrics)
         tracking.log_metrics({f"test_{key}": value for key, value in metrics.items()})
         for path in sorted(plots_dir.iterdir()):

@@ -17,6 +17,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 
+def save(figure: Figure, target: object, **options: object) -> None:
+    """Save ``figure`` as PNG to a path or file object, then free it."""
+    figure.savefig(target, format="png", dpi=100, **options)
+    plt.close(figure)
+
+
 def confusion_figure(rows: pd.DataFrame, class_names: Sequence[str]) -> Figure:
     """A confusion-matrix heat map with counts in the cells."""
     matrix = pd.crosstab(rows["actual"], rows["predicted"]).reindex(

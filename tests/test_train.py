@@ -73,6 +73,18 @@ def run_statuses(store_uri: str) -> list[str]:
     return [run.info.status for run in runs]
 
 
+def train_two_epochs(data_dir, out_dir):
+    """The train stage's run() with two epochs, writing into ``out_dir``."""
+    return train.run(
+        project_params(train={"epochs": 2}),
+        data_dir,
+        out_dir / "model.keras",
+        out_dir / "history.csv",
+        out_dir / "train.json",
+        out_dir / "run.json",
+    )
+
+
 def nan_model(input_shape, num_classes):
     """A model whose outputs, and so whose loss, are NaN from the first batch."""
     inputs = keras.Input(shape=input_shape, dtype="uint8")
@@ -89,14 +101,7 @@ def test_diverging_training_fails_the_run_and_saves_no_model(
     )
     model_path = tmp_path / "model.keras"
     with pytest.raises(TrainingDiverged, match=r"training loss became nan at epoch 1, batch 1"):
-        train.run(
-            project_params(train={"epochs": 2}),
-            prepared_digits,
-            model_path,
-            tmp_path / "history.csv",
-            tmp_path / "train.json",
-            tmp_path / "run.json",
-        )
+        train_two_epochs(prepared_digits, tmp_path)
     assert not model_path.exists()
     assert not (tmp_path / "run.json").exists()
     assert run_statuses(mlflow_store) == ["FAILED"]
@@ -126,13 +131,6 @@ def test_interrupted_training_ends_the_run_killed_and_saves_no_model(
     monkeypatch.setattr(train.MlflowEpochLogger, "on_epoch_end", interrupt)
     model_path = tmp_path / "model.keras"
     with pytest.raises(KeyboardInterrupt):
-        train.run(
-            project_params(train={"epochs": 2}),
-            prepared_digits,
-            model_path,
-            tmp_path / "history.csv",
-            tmp_path / "train.json",
-            tmp_path / "run.json",
-        )
+        train_two_epochs(prepared_digits, tmp_path)
     assert not model_path.exists()
     assert run_statuses(mlflow_store) == ["KILLED"]
