@@ -292,7 +292,7 @@ def test_size_cap_cuts_off_an_endless_body(tmp_path, server):
     started = time.monotonic()
     with pytest.raises(DownloadError, match="body is over the 100000-byte limit"):
         fetch([url], tmp_path / NAME, max_bytes=100_000)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 10  # stopped at the cap, not at a timeout or never
     assert listing(tmp_path) == []
 
 
