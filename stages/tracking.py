@@ -1,9 +1,10 @@
 """The only module that talks to MLflow: where the store is, which experiment, which tags.
 
 The store is ``MLFLOW_TRACKING_URI`` when set (a tracking server, say), else a sqlite
-database ``mlflow.db`` in the directory the pipeline runs from, with artifacts beside it
-in ``mlartifacts/``. The experiment is ``MLFLOW_EXPERIMENT_NAME`` or
-``image-classification``. MLflow is imported lazily so stages that never track start fast.
+database ``mlflow.db`` at the project root (also for ``dvc exp run --temp`` and queued
+experiments, which run in a temporary copy), with artifacts beside it in ``mlartifacts/``.
+The experiment is ``MLFLOW_EXPERIMENT_NAME`` or ``image-classification``. MLflow is
+imported lazily so stages that never track start fast.
 """
 
 from __future__ import annotations
@@ -41,12 +42,30 @@ class TrackingError(StageError):
     """The MLflow store could not be reached or refused a request."""
 
 
+# `dvc exp run --temp` and queued experiments run in a copy of the repository here.
+DVC_TEMP_COPIES = (".dvc", "tmp", "exps")
+
+
+def project_root() -> Path:
+    """The working directory, or the repository that DVC's temporary experiment copy is of.
+
+    The default store must be the project's own: a store inside a temporary copy would
+    vanish with it, taking the experiment's run along.
+    """
+    here = Path.cwd().resolve()
+    parts = here.parts
+    for start in range(len(parts) - len(DVC_TEMP_COPIES)):
+        if parts[start : start + len(DVC_TEMP_COPIES)] == DVC_TEMP_COPIES:
+            return Path(*parts[:start])
+    return here
+
+
 def tracking_uri() -> str:
     """The MLflow tracking URI the pipeline logs to."""
     configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if configured:
         return configured
-    return f"sqlite:///{(Path.cwd() / STORE_FILE).resolve()}"
+    return f"sqlite:///{project_root() / STORE_FILE}"
 
 
 def experiment_name() -> str:

@@ -238,3 +238,13 @@ def test_repro_trains_on_a_folder_of_rgb_photos_at_64x64(tmp_path_factory):
     # Bright left half versus bright right half: four epochs separate them.
     assert json.loads((repo / "metrics/evaluate.json").read_text())["accuracy"] >= 0.8
     assert json.loads((repo / "lineage/registered_model.json").read_text())["name"] == "pets-cnn"
+
+
+def test_a_temporary_experiment_logs_to_the_projects_own_store(repo):
+    """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; its run must not vanish."""
+    output = run(repo, "dvc", "exp", "run", "--temp", "-n", "temp-run", "-S", "train.epochs=1")
+    assert "Ran experiment(s): temp-run" in output
+    tracked = runs_by_name(repo)["temp-run"]
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.tags["dvc.exp_name"] == "temp-run"
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -12,6 +12,15 @@ def test_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch)
     )
 
 
+def test_dvc_temporary_experiment_copies_use_the_projects_own_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert tracking.project_root() == tmp_path
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
 def test_environment_overrides_store_and_experiment(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
