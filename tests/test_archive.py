@@ -258,13 +258,17 @@ def test_too_many_tar_members_are_refused(work):
     work.refused(archive, r"more than 10 members \(member 'cats/10\.png'\)", max_members=10)
 
 
+def uncompressed_archive(work, kind, files):
+    """``files`` in a stored zip or a plain tar, so declared sizes equal bytes written."""
+    if kind == "zip":
+        return make_zip(work.archives / "p.zip", files, zipfile.ZIP_STORED)
+    return tar_of_files(work.archives / "p.tar", files, "w")
+
+
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_too_many_declared_bytes_are_refused(work, kind):
     files = {"cats/a.png": bytes(15), "dogs/b.png": bytes(15)}
-    if kind == "zip":
-        archive = make_zip(work.archives / "p.zip", files, zipfile.ZIP_STORED)
-    else:
-        archive = tar_of_files(work.archives / "p.tar", files, "w")
+    archive = uncompressed_archive(work, kind, files)
     work.refused(
         archive,
         named(archive, "dogs/b.png") + "takes the declared size to 30 bytes, more than 20",
@@ -279,10 +283,7 @@ def test_bytes_are_counted_while_extracting_too(work, kind, monkeypatch):
     # switching the declared check off shows the count of bytes written holds on its own.
     monkeypatch.setattr(stages.archive, "_check_declared", lambda *args: None)
     files = {"cats/a.png": bytes(15), "dogs/b.png": bytes(15)}
-    if kind == "zip":
-        archive = make_zip(work.archives / "p.zip", files, zipfile.ZIP_STORED)
-    else:
-        archive = tar_of_files(work.archives / "p.tar", files, "w")
+    archive = uncompressed_archive(work, kind, files)
     work.refused(
         archive,
         named(archive, "dogs/b.png") + "unpacks past the 20-byte limit",
