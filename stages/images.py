@@ -7,8 +7,9 @@ through :func:`to_array`, so a served image is converted exactly as training dat
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -79,11 +80,26 @@ def load_image(
     """
     if path.stat().st_size == 0:
         raise UnreadableImage("empty file")
+    return _decode(path, height, width, channels, policy)
+
+
+def decode_image(
+    data: bytes, height: int, width: int, channels: int, policy: ResizePolicy
+) -> np.ndarray:
+    """Decode the bytes of an image file (a PNG or JPEG sent to the server, say) as a file."""
+    if not data:
+        raise UnreadableImage("empty file")
+    return _decode(io.BytesIO(data), height, width, channels, policy)[0]
+
+
+def _decode(
+    source: Path | BinaryIO, height: int, width: int, channels: int, policy: ResizePolicy
+) -> tuple[np.ndarray, dict[str, object]]:
     try:
-        with Image.open(path) as picture:
+        with Image.open(source) as picture:
             if picture.format not in IMAGE_FORMATS:
                 raise UnreadableImage(f"unsupported image format {picture.format}")
-            source = {
+            info = {
                 "format": picture.format,
                 "mode": picture.mode,
                 "width": picture.width,
@@ -95,7 +111,7 @@ def load_image(
                 picture.draft(PIL_MODES[channels], (width, height))
             picture.load()
             picture = ImageOps.exif_transpose(picture)
-            return to_array(picture, height, width, channels, policy), source
+            return to_array(picture, height, width, channels, policy), info
     except UnidentifiedImageError:
         raise UnreadableImage("not an image") from None
     except Image.DecompressionBombError as error:

@@ -108,6 +108,32 @@ def trained_store(trained: TrainedRun, monkeypatch: pytest.MonkeyPatch) -> str:
     return trained.store_uri
 
 
+@pytest.fixture(scope="session")
+def registered(trained: TrainedRun) -> dict[str, Any]:
+    """The session's trained model registered as ``test-serving@champion`` in its store.
+
+    Registered directly, without the export stage's format checks, for the serving tests.
+    """
+    from stages import tracking
+    from stages.dataset import CLASSES_FILE, read_image_set
+    from stages.serving import png_frame
+
+    test = read_image_set(trained.data_dir / "test")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", trained.store_uri)
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
+        with tracking.resumed_run(trained.result.run_id):
+            return tracking.register_model(
+                trained.model_path,
+                trained.data_dir / CLASSES_FILE,
+                "stretch",
+                "test-serving",
+                "champion",
+                png_frame(test.images[:3]),
+                {"promotion.decision": "champion"},
+            )
+
+
 def make_image_folder(
     root: Path, per_class: int = 6, broken: bool = True, seed: int = 0
 ) -> dict[str, list[str]]:
