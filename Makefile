@@ -10,6 +10,10 @@ VENV := .venv
 # Use uv from PATH, else the one pip installs for $(PYTHON).
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 MLFLOW_PORT ?= 5000
+SERVE_PORT ?= 5001
+SERVE_HOST ?= 127.0.0.1
+# The registered model `make serve` serves: export.model_name in params.yaml.
+MODEL_NAME ?= $(shell sed -n 's/^ *model_name: *\([^ #]*\).*/\1/p' params.yaml)
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 # The pipeline's stage commands call `python`: make it the project's.
@@ -17,7 +21,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help install run test ui exp compare lint format bench clean
+.PHONY: help install run test ui serve exp compare lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -34,6 +38,10 @@ test: install ## run the whole test suite
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT to change)
 	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+serve: install ## serve MODEL_NAME@champion on http://127.0.0.1:5001/invocations (SERVE_PORT, SERVE_HOST)
+	MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" mlflow models serve --env-manager local \
+		--model-uri "models:/$(MODEL_NAME)@champion" --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 exp: install ## dvc exp show: every param and metric, without the dependency-hash columns
 	dvc exp show --drop '^(stages|data|models|lineage|plots|reports)/|^Created$$'

@@ -29,6 +29,7 @@ from stages.cli import PREPARED, run_stage
 from stages.config import load_params
 from stages.dataset import ImageSet, read_image_set
 from stages.errors import StageError
+from stages.serving import probabilities_of
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def load_run(client: Any, run_id: str, test: ImageSet | None) -> RunView:
         label = f"{label} ({registered[0]})"
         if test is not None:
             try:
-                predicted = np.asarray(registered[1].predict(test.images)).argmax(axis=1)
+                predicted = probabilities_of(registered[1].predict(test.images)).argmax(axis=1)
             except Exception as error:
                 log.warning("%s cannot score this test split: %s", label, error)
     return RunView(

@@ -1,4 +1,14 @@
-"""Stage ``export``: register the trained model, and promote it only if it beats the champion.
+"""Stage ``export``: ship the trained model in every format, register it, promote it if better.
+
+The model is written as a TensorFlow SavedModel (what TF Serving loads), TFLite float32,
+TFLite int8 (full-integer quantised, calibrated on training images) and ONNX, and each
+format must give the Keras model's answers on the test split: probabilities within
+1e-5 for the float formats, accuracy within 0.5 points for int8 (stages/formats.py).
+Sizes and parity go to a DVC metrics file and the training run; a failing format fails
+the stage before anything is registered.
+
+The registered model is an MLflow pyfunc that takes images as people have them
+(stages/serving.py), built from code, with the labels file inside.
 
 The new model and the registered model's current ``@champion`` are scored on the same
 test split. The new version becomes ``@champion`` only if its accuracy clears
@@ -17,14 +27,22 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from stages import tracking
-from stages.atomic import write_json
+import numpy as np
+
+from stages import formats, tracking
+from stages.atomic import atomic_path, write_json
 from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from stages.config import ExportParams, load_params
-from stages.dataset import read_image_set
+from stages.dataset import CLASSES_FILE, read_image_set
 from stages.errors import StageError
 from stages.evaluate import score
+from stages.images import ResizePolicy
+from stages.serving import png_frame, probabilities_of
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +50,10 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 INPUT_EXAMPLE_SIZE = 4
 PREDICT_BATCH_SIZE = 256
+# Training images that calibrate the int8 model's quantisation ranges.
+REPRESENTATIVE_IMAGES = 300
+FORMATS_ARTIFACT_DIR = "formats"
+FORMAT_METRICS = ("size_bytes", "max_abs_diff", "accuracy", "accuracy_drop")
 
 
 @dataclass(frozen=True)
@@ -63,28 +85,68 @@ def decide(
     return Decision(False, f"does not beat {versus}; the margin is {cfg.promotion_margin}")
 
 
+def export_formats(
+    model: keras.Model, model_path: Path, data_dir: Path, out_dir: Path
+) -> dict[str, dict[str, float]]:
+    """Write every format into ``out_dir`` and check each against Keras on the test split.
+
+    Returns each format's size, largest probability difference and accuracy; raises
+    :class:`formats.ParityError` if any format gives different answers.
+    """
+    test = read_image_set(Path(data_dir) / "test")
+    train = read_image_set(Path(data_dir) / "train")
+    representative = train.images[
+        np.random.default_rng(0).permutation(len(train.images))[:REPRESENTATIVE_IMAGES]
+    ]
+    paths = formats.export_formats(model_path, representative, out_dir)
+    reference = model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
+    runners = {name: formats.load_runner(name, path) for name, path in paths.items()}
+    report = formats.check_parity(reference, runners, test.images, test.labels)
+    for name, size in formats.format_sizes(paths).items():
+        report[name]["size_bytes"] = size
+    formats.assert_parity(report)
+    return report
+
+
 def run(
     cfg: ExportParams,
+    resize: ResizePolicy,
     data_dir: Path,
     model_path: Path,
     run_info_path: Path,
+    formats_dir: Path,
+    formats_path: Path,
     registered_path: Path,
     decision_path: Path,
 ) -> dict[str, object]:
-    """Score, decide, register under ``cfg.model_name``, and write the record and decision."""
+    """Export and check every format, score, decide, register, and write the records.
+
+    Nothing is registered, and no output written, unless every format passes its parity
+    check and registration succeeds.
+    """
     from stages.model import load_model
 
     run_id = tracking.read_run_id(run_info_path)
     test = read_image_set(Path(data_dir) / "test")
     model = load_model(str(model_path))
     candidate = score(model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0), test.labels)
-    with tracking.resumed_run(run_id):
+    with tracking.resumed_run(run_id), atomic_path(formats_dir, directory=True) as staged:
+        report = export_formats(model, model_path, data_dir, staged)
+        tracking.log_metrics(
+            {
+                f"format.{name}.{key}": value
+                for name, figures in report.items()
+                for key, value in figures.items()
+                if key in FORMAT_METRICS
+            }
+        )
+        tracking.log_artifacts(staged, FORMATS_ARTIFACT_DIR)
         champion_version = champion_accuracy = None
         champion = tracking.aliased_model(cfg.model_name, CHAMPION)
         if champion is not None:
             champion_version, champion_model = champion
             try:
-                probabilities = champion_model.predict(test.images)
+                probabilities = probabilities_of(champion_model.predict(test.images))
             except Exception as error:
                 raise StageError(
                     f"the champion, {cfg.model_name} version {champion_version}, cannot score "
@@ -103,8 +165,15 @@ def run(
             "promotion.champion_version": "" if champion_version is None else str(champion_version),
         }
         registered = tracking.register_model(
-            model, cfg.model_name, decision.alias, test.images[:INPUT_EXAMPLE_SIZE], tags
+            model_path,
+            Path(data_dir) / CLASSES_FILE,
+            resize,
+            cfg.model_name,
+            decision.alias,
+            png_frame(test.images[:INPUT_EXAMPLE_SIZE]),
+            tags,
         )
+    write_json(formats_path, report)
     summary = {
         "promoted": decision.promoted,
         "candidate_accuracy": candidate["accuracy"],
@@ -132,6 +201,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         data=PREPARED,
         model=MODEL,
         run_info=RUN_INFO,
+        formats=("models/formats", "exported formats out (SavedModel, TFLite, ONNX)"),
+        format_metrics=("metrics/formats.json", "size and parity of each format (DVC metrics)"),
         out=("lineage/registered_model.json", "registration record out"),
         decision=("metrics/promotion.json", "promotion decision out (DVC metrics)"),
     ).parse_args(argv)
@@ -139,13 +210,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    params = load_params(args.params)
     return run_stage(
         "export",
         lambda: run(
-            load_params(args.params).export,
+            params.export,
+            params.preprocess.resize,
             args.data,
             args.model,
             args.run_info,
+            args.formats,
+            args.format_metrics,
             args.out,
             args.decision,
         ),

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from stages.errors import StageError
 
 if TYPE_CHECKING:
-    import keras
     import numpy as np
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,14 @@ def log_artifact(path: Path, artifact_dir: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_dir)
 
 
+def log_artifacts(directory: Path, artifact_dir: str) -> None:
+    """Copy a folder's contents into the active run's artifacts under ``artifact_dir``."""
+    import mlflow
+
+    with _reporting_mlflow_errors():
+        mlflow.log_artifacts(str(directory), artifact_path=artifact_dir)
+
+
 def log_dataset(
     images: np.ndarray, labels: np.ndarray, name: str, source: str, context: str
 ) -> str:
@@ -232,24 +240,6 @@ def log_figure(figure: Any, artifact_file: str) -> None:
 
     with _reporting_mlflow_errors():
         mlflow.log_figure(figure, artifact_file)
-
-
-class _KerasFlavor:
-    """``mlflow.keras`` with the model directory created before saving.
-
-    ``mlflow.keras.save_model`` writes the input example before it creates its directory
-    and fails with FileNotFoundError (mlflow/mlflow#16183, open in MLflow 3.17). Passing
-    this to MLflow's public ``Model.log`` keeps everything else as ``mlflow.keras`` does it.
-    """
-
-    __name__ = "mlflow.keras"
-
-    @staticmethod
-    def save_model(path: str, **kwargs: Any) -> None:
-        import mlflow.keras
-
-        os.makedirs(path, exist_ok=True)
-        mlflow.keras.save_model(path=path, **kwargs)
 
 
 def alias_run_id(name: str, alias: str) -> str | None:
@@ -285,38 +275,57 @@ def aliased_model(name: str, alias: str) -> tuple[int, Any] | None:
 
 
 def register_model(
-    model: keras.Model,
+    model_path: Path,
+    labels_path: Path,
+    resize: str,
     name: str,
     alias: str,
-    input_example: np.ndarray,
+    input_example: pd.DataFrame,
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, str | int]:
-    """Log ``model`` to the active run, register a new version of ``name``, point ``alias`` at it.
+    """Log the image model to the active run, register a version of ``name``, alias it.
 
-    ``tags`` go on the new model version and on the run. Returns what was registered:
-    name, version, alias, run id and model URI.
+    The logged model is stages/serving.py's pyfunc, built from code (no pickle) with the
+    ``stages`` package beside it, the ``.keras`` file at ``model_path``, the labels file and
+    the ``resize`` policy. ``input_example`` is a DataFrame of base64 image files; its
+    predictions make the output schema. ``tags`` go on the new version and on the run.
+    Returns name, version, alias, run id and model URI.
     """
     import importlib.metadata
 
     import mlflow
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+
+    from stages import serving
 
     run = mlflow.active_run()
     if run is None:
         raise TrackingError("register_model needs an active run (use resumed_run)")
-    signature = infer_signature(input_example, model.predict(input_example, verbose=0))
     # Pin what the model needs instead of letting MLflow re-import it to guess (slow).
     requirements = [
         f"{package}=={importlib.metadata.version(package)}"
-        for package in ("mlflow", "keras", "tensorflow", "numpy")
+        for package in ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")
     ]
-    with _reporting_mlflow_errors():
-        info = Model.log(
-            artifact_path=None,
+    stages_dir = Path(serving.__file__).parent
+    model_config = {serving.RESIZE_CONFIG: resize}
+    with _reporting_mlflow_errors(), warnings.catch_warnings():
+        # class_index is never missing: MLflow's hint about integer columns does not apply.
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
+        # No input schema: the model takes pixel arrays or a column of image files, and
+        # checks what it gets itself (an input schema can describe only one of the two).
+        outputs = infer_signature(
+            None, _predict_example(model_path, labels_path, model_config, input_example)
+        ).outputs
+        info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            flavor=_KerasFlavor,
-            model=model,
-            signature=signature,
+            python_model=stages_dir / "served_model.py",
+            code_paths=[str(stages_dir)],
+            artifacts={
+                serving.KERAS_ARTIFACT: str(model_path),
+                serving.LABELS_ARTIFACT: str(labels_path),
+            },
+            model_config=model_config,
+            signature=ModelSignature(inputs=None, outputs=outputs),
             input_example=input_example,
             pip_requirements=requirements,
             registered_model_name=name,
@@ -335,6 +344,30 @@ def register_model(
         "run_id": run.info.run_id,
         "model_uri": f"models:/{name}/{version}",
     }
+
+
+def _predict_example(
+    model_path: Path,
+    labels_path: Path,
+    model_config: Mapping[str, str],
+    input_example: pd.DataFrame,
+) -> pd.DataFrame:
+    """What the model to be logged returns for ``input_example``, to infer its output schema."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from stages import serving
+
+    classifier = serving.ImageClassifier()
+    classifier.load_context(
+        PythonModelContext(
+            artifacts={
+                serving.KERAS_ARTIFACT: str(model_path),
+                serving.LABELS_ARTIFACT: str(labels_path),
+            },
+            model_config=dict(model_config),
+        )
+    )
+    return classifier.predict(None, input_example)
 
 
 def read_run_id(run_info_path: Path) -> str:

@@ -64,7 +64,17 @@ def two_runs(trained, tmp_path_factory) -> dict[str, Compared]:
                 out / "plots",
             )
             per_class = pd.read_csv(out / "plots" / "per_class.csv", dtype={"class": str})
-            export.run(cfg, trained.data_dir, model, run_info, out / "reg.json", out / "dec.json")
+            export.run(
+                cfg,
+                "stretch",
+                trained.data_dir,
+                model,
+                run_info,
+                out / "formats",
+                out / "formats.json",
+                out / "reg.json",
+                out / "dec.json",
+            )
             compared[name] = Compared(run_id, model, metrics, per_class.set_index("class"))
     return compared
 

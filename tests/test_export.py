@@ -4,10 +4,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from stages import export
+from stages import export, formats
 from stages.config import ExportParams
 from stages.dataset import read_image_set
 from stages.model import build_model, load_model
+from stages.serving import png_frame, probabilities_of
 from stages.tracking import TrackingError
 
 
@@ -21,12 +22,15 @@ def params(name: str, floor: float = 0.5, margin: float = 0.0) -> ExportParams:
     return ExportParams(model_name=name, accuracy_floor=floor, promotion_margin=margin)
 
 
-def run_export(trained, tmp_path, cfg, model_path=None, tag="export"):
+def run_export(trained, tmp_path, cfg, model_path=None, tag="export", run_info_path=None):
     return export.run(
         cfg,
+        "stretch",
         trained.data_dir,
         model_path or trained.model_path,
-        trained.run_info_path,
+        run_info_path or trained.run_info_path,
+        tmp_path / f"{tag}-formats",
+        tmp_path / f"{tag}-formats.json",
         tmp_path / f"{tag}.json",
         tmp_path / f"{tag}-decision.json",
     )
@@ -89,14 +93,55 @@ def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
 
     mlflow.set_tracking_uri(trained_store)
     served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
-    assert served.metadata.get_input_schema().inputs[0].type == np.dtype("uint8")
     images = read_image_set(trained.data_dir / "test").images[:50]
     np.testing.assert_allclose(
-        served.predict(images),
+        probabilities_of(served.predict(png_frame(images))),
         load_model(str(trained.model_path)).predict(images, verbose=0),
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_every_format_is_written_checked_and_recorded_in_dvc_metrics_and_the_run(
+    trained, trained_store, tmp_path, model_name
+):
+    run_export(trained, tmp_path, params(model_name))
+    report = json.loads((tmp_path / "export-formats.json").read_text())
+    assert sorted(report) == sorted(formats.FORMATS)
+    for name, path in formats.FILE_NAMES.items():
+        assert (tmp_path / "export-formats" / path).exists()
+        assert report[name]["passed"] is True
+        assert report[name]["size_bytes"] > 0
+    assert report["onnx"]["max_abs_diff"] <= formats.FLOAT_TOLERANCE
+    assert report["tflite_int8"]["size_bytes"] < report["tflite_float32"]["size_bytes"] / 3
+
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    run = client.get_run(trained.result.run_id)
+    assert run.data.metrics["format.tflite_int8.size_bytes"] == report["tflite_int8"]["size_bytes"]
+    assert run.data.metrics["format.onnx.max_abs_diff"] == pytest.approx(
+        report["onnx"]["max_abs_diff"]
+    )
+    logged = {item.path for item in client.list_artifacts(run.info.run_id, "formats")}
+    assert {"formats/model.onnx", "formats/model_int8.tflite", "formats/saved_model"} <= logged
+
+
+def test_a_format_that_fails_parity_fails_export_before_anything_is_registered(
+    trained, trained_store, tmp_path, model_name, monkeypatch
+):
+    real_runner = formats.load_runner
+
+    def drifting_runner(fmt, path):
+        runner = real_runner(fmt, path)
+        if fmt != "onnx":
+            return runner
+        return lambda images: np.roll(runner(images), 1, axis=1)
+
+    monkeypatch.setattr(formats, "load_runner", drifting_runner)
+    with pytest.raises(formats.ParityError, match=r"onnx max_abs_diff [0-9.]+ > 1e-05"):
+        run_export(trained, tmp_path, params(model_name))
+    assert not list(tmp_path.iterdir())
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []
 
 
 def test_first_model_below_the_floor_is_only_a_challenger(
@@ -136,18 +181,11 @@ def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
 def test_failed_export_registers_nothing_and_writes_no_record(
     trained, trained_store, tmp_path, model_name
 ):
-    run_info = tmp_path / "train_run.json"
+    run_info = tmp_path / "run" / "train_run.json"
+    run_info.parent.mkdir()
     run_info.write_text(json.dumps({"run_id": "0" * 32}))
     with pytest.raises(TrackingError, match=r"MLflow store sqlite:///.*: Run .* not found"):
-        export.run(
-            params(model_name),
-            trained.data_dir,
-            trained.model_path,
-            run_info,
-            tmp_path / "registered_model.json",
-            tmp_path / "decision.json",
-        )
-    assert not (tmp_path / "registered_model.json").exists()
-    assert not (tmp_path / "decision.json").exists()
+        run_export(trained, tmp_path, params(model_name), run_info_path=run_info)
+    assert [path.name for path in tmp_path.iterdir()] == ["run"]
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []

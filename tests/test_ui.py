@@ -43,9 +43,12 @@ def ui(trained, tmp_path_factory):
         )
         export.run(
             ExportParams(model_name=MODEL_NAME, accuracy_floor=0.0, promotion_margin=0.0),
+            "stretch",
             trained.data_dir,
             trained.model_path,
             trained.run_info_path,
+            out / "formats",
+            out / "formats.json",
             out / "registered.json",
             out / "decision.json",
         )
