@@ -66,6 +66,7 @@ class TrainParams(_Section):
     batch_size: int = Field(ge=1, le=65_536)
     learning_rate: float = Field(gt=0, le=10)
     seed: int = Field(ge=0)
+    resume: bool
 
 
 class EvaluateParams(_Section):

@@ -139,8 +139,12 @@ def run(
     history_path: Path,
     metrics_path: Path,
     plots_dir: Path,
+    lock_path: Path = Path("dvc.lock"),
 ) -> dict[str, float]:
-    """Score ``model_path`` on the test split; write metrics and the plots folder."""
+    """Score ``model_path`` on the test split; write metrics and the plots folder.
+
+    The training run also gets the hashes ``lock_path`` records for its data and model.
+    """
     from stages import plots
     from stages.model import load_model
 
@@ -164,6 +168,8 @@ def run(
     }
 
     with tracking.resumed_run(run_id):
+        # The training run's data and model hashes, as DVC recorded them once train ended.
+        tracking.set_tags(tracking.dvc_lock_tags(lock_path, "train", model_path))
         with atomic_path(plots_dir, directory=True) as tmp:
             rows.to_csv(tmp / "confusion.csv", index=False)
             per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
@@ -194,6 +200,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         history=("plots/history.csv", "per-epoch history from train"),
         metrics=("metrics/evaluate.json", "test metrics out"),
         plots=("plots/evaluate", "folder of evaluation tables and pictures out"),
+        lock=("dvc.lock", "DVC's lock file, for the training data's hashes (read only)"),
     ).parse_args(argv)
 
 
@@ -209,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.history,
             args.metrics,
             args.plots,
+            args.lock,
         ),
     )
 

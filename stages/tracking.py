@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,10 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "git.dirty"
 TAG_DVC_EXP_NAME = "dvc.exp_name"
 TAG_DVC_BASELINE = "dvc.exp_baseline_rev"
+TAG_HOST = "process.host"
+TAG_PID = "process.pid"
+TAG_ORPHANED = "process.orphaned"
+TAG_RESUMED = "train.resumed"
 
 
 class TrackingError(StageError):
@@ -165,28 +170,121 @@ def _run(**start_args: Any) -> Iterator[str]:
 
 
 @contextmanager
-def training_run(params: Mapping[str, Any]) -> Iterator[str]:
-    """Open a new run with ``params`` and lineage tags; yield its id.
+def training_run(params: Mapping[str, Any], resume_run_id: str | None = None) -> Iterator[str]:
+    """Open a new run with ``params`` and lineage tags (or reopen ``resume_run_id``); yield its id.
 
     The run ends FINISHED when the block succeeds, KILLED when it is interrupted (Ctrl-C,
-    SIGTERM) and FAILED when it raises, so a failed stage never leaves a run RUNNING.
+    SIGTERM) and FAILED when it raises, so a failed stage never leaves a run RUNNING. Runs
+    left RUNNING by a process that no longer exists (SIGKILL, power loss) are marked
+    KILLED first.
     """
     import mlflow
 
-    connect()
-    tags = lineage_tags()
-    with _run(run_name=tags.get(TAG_DVC_EXP_NAME), tags=tags) as run_id:
+    experiment_id = connect()
+    close_orphaned_runs(experiment_id)
+    tags = {**lineage_tags(), **process_tags()}
+    if resume_run_id is None:
+        start_args: dict[str, Any] = {"run_name": tags.get(TAG_DVC_EXP_NAME), "tags": tags}
+    else:
+        start_args = {"run_id": resume_run_id}
+    with _run(**start_args) as run_id:
         with _reporting_mlflow_errors():
-            mlflow.log_params(dict(params))
+            if resume_run_id is None:
+                mlflow.log_params(dict(params))
+            else:
+                mlflow.set_tags({**tags, TAG_RESUMED: "true"})
         log.info("MLflow run %s in %s", run_id, tracking_uri())
         yield run_id
+
+
+def dvc_lock_tags(lock_path: Path, stage: str, model_path: Path) -> dict[str, str]:
+    """Tags naming the hashes ``dvc.lock`` records for ``stage``'s deps and outs.
+
+    Only when the lock describes the model at ``model_path`` (its md5 matches), which holds
+    while ``dvc repro`` or ``dvc exp run`` runs the pipeline: DVC writes each stage's entry
+    as soon as the stage ends. A stage run by hand gets none, rather than stale ones.
+    """
+    import hashlib
+
+    import yaml
+
+    try:
+        entry = yaml.safe_load(Path(lock_path).read_text())["stages"][stage]
+        files = [("dep", item) for item in entry.get("deps", [])]
+        files += [("out", item) for item in entry.get("outs", [])]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return {}
+    hashes = {
+        f"dvc.{stage}.{kind}.{item['path']}": item["md5"]
+        for kind, item in files
+        if isinstance(item, dict) and "md5" in item
+    }
+    model_key = f"dvc.{stage}.out.{Path(model_path).as_posix()}"
+    try:
+        model_md5 = hashlib.md5(Path(model_path).read_bytes()).hexdigest()
+    except OSError:
+        return {}
+    if hashes.get(model_key) != model_md5:
+        log.info("%s does not describe %s: no data hashes tagged", lock_path, model_path)
+        return {}
+    return hashes
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    """Set ``tags`` on the active run."""
+    import mlflow
+
+    with _reporting_mlflow_errors():
+        mlflow.set_tags(dict(tags))
+
+
+def process_tags() -> dict[str, str]:
+    """Which process holds the run open, so a later one can tell if it died."""
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def close_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; return their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    closed = []
+    with _reporting_mlflow_errors():
+        running = client.search_runs(
+            [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+        )
+        for run in running:
+            pid = run.data.tags.get(TAG_PID, "")
+            if run.data.tags.get(TAG_HOST) != host or not pid.isdigit():
+                continue
+            if int(pid) != os.getpid() and not _process_alive(int(pid)):
+                client.set_tag(run.info.run_id, TAG_ORPHANED, f"process {pid} ended, run open")
+                client.set_terminated(run.info.run_id, "KILLED")
+                closed.append(run.info.run_id)
+                log.warning("run %s: its process %s is gone; marked KILLED", run.info.run_id, pid)
+    return closed
 
 
 @contextmanager
 def resumed_run(run_id: str) -> Iterator[str]:
     """Reopen the training run ``run_id`` so a later stage can add to it."""
+    import mlflow
+
     connect()
     with _run(run_id=run_id):
+        with _reporting_mlflow_errors():
+            mlflow.set_tags(process_tags())  # this process holds it open now
         yield run_id
 
 
@@ -196,6 +294,19 @@ def log_epoch(metrics: Mapping[str, float], epoch: int) -> None:
 
     with _reporting_mlflow_errors():
         mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=epoch)
+
+
+def log_missing_epochs(rows: Sequence[Mapping[str, float]]) -> None:
+    """Log the epochs of ``rows`` (each with an ``epoch`` key) that the active run lacks."""
+    import mlflow
+
+    run_id = mlflow.active_run().info.run_id
+    with _reporting_mlflow_errors():
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
+    for row in rows:
+        if int(row["epoch"]) not in logged:
+            metrics = {key: value for key, value in row.items() if key != "epoch"}
+            log_epoch(metrics, epoch=int(row["epoch"]))
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:

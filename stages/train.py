@@ -3,19 +3,29 @@
 Writes the model (``.keras``, raw uint8 pixels in, class probabilities out), the
 per-epoch history as CSV (a DVC plot), the last epoch's metrics (a DVC metrics file) and
 the MLflow run id that the evaluate and export stages add to.
+
+Training is a pure function of the params and the data: weights start from
+``train.seed`` and each epoch's shuffle is drawn from (seed, epoch), so two runs give the
+same weights bit for bit on the same machine (see README, "Reproducible"). After every
+epoch the model, its optimizer state and the history so far are checkpointed to
+``models/checkpoint/``; an interrupted run (Ctrl-C, SIGTERM, SIGKILL) continues from
+there with ``train.resume: true`` and ends where an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 import pandas as pd
 
 from stages import tracking
@@ -23,12 +33,17 @@ from stages.atomic import atomic_path, write_json, write_text
 from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from stages.config import Params, load_params
 from stages.dataset import CLASSES_FILE, read_splits
-from stages.errors import TrainingDiverged
-from stages.model import build_model
+from stages.errors import StageError, TrainingDiverged
+from stages.model import build_model, load_model
 
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
+CHECKPOINT = ("models/checkpoint", "last completed epoch: model, optimizer state, history")
+CHECKPOINT_MODEL = "model.keras"
+CHECKPOINT_STATE = "state.json"
+# Params that may differ between an interrupted run and the one that resumes it.
+RESUME_FREE_PARAMS = ("train.resume",)
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
@@ -55,6 +70,70 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 f"training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}; "
                 "try a lower train.learning_rate in params.yaml"
             )
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After each epoch, replace the checkpoint with the model, its optimizer and the history."""
+
+    def __init__(self, directory: Path, run_id: str, params: dict[str, Any], rows: list) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+        self.run_id = run_id
+        self.run_params = params  # not self.params: Keras sets that to fit's own arguments
+        self.rows = rows
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.rows.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
+        with atomic_path(self.directory, directory=True) as staged:
+            self.model.save(staged / CHECKPOINT_MODEL)
+            state = {"epoch": epoch + 1, "run_id": self.run_id, "params": self.run_params}
+            write_json(staged / CHECKPOINT_STATE, {**state, "history": self.rows})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where an interrupted run stopped: its model, epoch, MLflow run and history."""
+
+    model: keras.Model
+    epoch: int
+    run_id: str
+    history: list[dict[str, float]]
+
+
+def read_checkpoint(directory: Path, params: dict[str, Any]) -> Checkpoint | None:
+    """The checkpoint in ``directory`` if there is one; it must come from the same params."""
+    state_path = Path(directory) / CHECKPOINT_STATE
+    if not state_path.is_file():
+        return None
+    try:
+        state = json.loads(state_path.read_text())
+        saved, epoch, run_id, rows = (
+            state["params"],
+            int(state["epoch"]),
+            str(state["run_id"]),
+            list(state["history"]),
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise StageError(f"{state_path}: unreadable checkpoint ({error}); delete it") from None
+    changed = [
+        f"{key} {saved.get(key)!r} -> {value!r}"
+        for key, value in params.items()
+        if key not in RESUME_FREE_PARAMS and saved.get(key) != value
+    ]
+    if changed:
+        raise StageError(
+            f"{directory} was made with other params ({'; '.join(changed)}): set "
+            "train.resume: false to start over, or restore those params to resume"
+        )
+    return Checkpoint(load_model(str(Path(directory) / CHECKPOINT_MODEL)), epoch, run_id, rows)
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The shuffle of one epoch: a pure function of the seed and the epoch number.
+
+    So a resumed run sees the same batches in the same order as an uninterrupted one.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(size)
 
 
 @dataclass(frozen=True)
@@ -89,33 +168,57 @@ def run(
     metrics_path: Path,
     run_info_path: Path,
     data_report: Path | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
-    """Train ``params.train.architecture`` on ``data_dir`` and write the four outputs."""
+    """Train ``params.train.architecture`` on ``data_dir`` and write the four outputs.
+
+    Each epoch is checkpointed to ``checkpoint_dir`` (default: ``checkpoint/`` beside the
+    model). With ``train.resume``, continue the run checkpointed there instead of starting
+    over (a fresh start if there is no checkpoint).
+    """
+    checkpoint_dir = Path(checkpoint_dir or Path(model_path).parent / "checkpoint")
     cfg = params.train
+    flat_params = params.flat()
     splits = read_splits(data_dir)
     train, val = splits["train"], splits["val"]
     keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg.architecture, train.image_shape, len(train.class_names))
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    with tracking.training_run(params.flat()) as run_id:
-        log_data(params, data_dir, splits, data_report)
-        fit = model.fit(
-            train.images,
-            train.labels,
-            validation_data=(val.images, val.labels),
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            callbacks=[StopOnNonFiniteLoss(), MlflowEpochLogger()],
-            verbose=1 if sys.stdout.isatty() else 2,
+    checkpoint = read_checkpoint(checkpoint_dir, flat_params) if cfg.resume else None
+    if checkpoint is None:
+        model = build_model(cfg.architecture, train.image_shape, len(train.class_names))
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=cfg.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
         )
-        history = pd.DataFrame(fit.history)
-        history.insert(0, "epoch", range(1, len(history) + 1))
-        history = history[HISTORY_COLUMNS]
+        first_epoch, rows = 0, []
+    else:
+        model, first_epoch, rows = checkpoint.model, checkpoint.epoch, checkpoint.history
+        log.info("resuming MLflow run %s after epoch %d", checkpoint.run_id, first_epoch)
+    resumed = None if checkpoint is None else checkpoint.run_id
+    with tracking.training_run(flat_params, resume_run_id=resumed) as run_id:
+        if checkpoint is None:
+            log_data(params, data_dir, splits, data_report)
+        else:  # an epoch checkpointed just before the interrupt may not have reached MLflow
+            tracking.log_missing_epochs(rows)
+        callbacks = [
+            StopOnNonFiniteLoss(),
+            MlflowEpochLogger(),
+            EpochCheckpoint(checkpoint_dir, run_id, flat_params, rows),
+        ]
+        for epoch in range(first_epoch, cfg.epochs):
+            order = epoch_order(cfg.seed, epoch, len(train.labels))
+            model.fit(
+                train.images[order],
+                train.labels[order],
+                validation_data=(val.images, val.labels),
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                batch_size=cfg.batch_size,
+                shuffle=False,
+                callbacks=callbacks,
+                verbose=1 if sys.stdout.isatty() else 2,
+            )
+        history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
         last = history.iloc[-1]
 
         with atomic_path(model_path) as tmp_model:
@@ -150,6 +253,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metrics=("metrics/train.json", "final metrics out"),
         run_info=(RUN_INFO[0], "MLflow run id out"),
         data_report=("reports/data.md", "data report to log"),
+        checkpoint=CHECKPOINT,
     ).parse_args(argv)
 
 
@@ -165,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.metrics,
             args.run_info,
             args.data_report,
+            args.checkpoint,
         ),
     )
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -166,6 +169,31 @@ def test_repro_registers_the_model_under_its_alias_predicting_like_the_saved_one
     )
 
 
+def test_lineage_walks_from_the_champion_to_its_run_commit_data_hashes_and_params(repo):
+    registry = client(repo)
+    version = registry.get_model_version_by_alias("digits-cnn", "champion")
+    tracked = registry.get_run(version.run_id)
+    tags = tracked.data.tags
+    head = run(repo, "git", "rev-parse", "HEAD").strip()
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["git.dirty"] == "false"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
+    for dep in lock["deps"]:
+        assert tags[f"dvc.train.dep.{dep['path']}"] == dep["md5"], dep["path"]
+    model_md5 = next(o["md5"] for o in lock["outs"] if o["path"] == "models/model.keras")
+    assert tags["dvc.train.out.models/model.keras"] == model_md5
+    # The registered model holds exactly the file DVC tracks.
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/digits-cnn/{version.version}"))
+    registered_keras = next(local.glob("artifacts/*.keras"))
+    assert hashlib.md5(registered_keras.read_bytes()).hexdigest() == model_md5
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert tracked.data.params["train.epochs"] == str(params["train"]["epochs"])
+    assert tracked.data.params["preprocess.seed"] == str(params["preprocess"]["seed"])
+    inputs = {d.dataset.name for d in tracked.inputs.dataset_inputs}
+    assert inputs == {"digits-train", "digits-val", "digits-test"}
+
+
 def test_a_second_repro_runs_nothing(repo):
     output = run(repo, "dvc", "repro")
     assert stages_run(output) == []
@@ -204,6 +232,20 @@ def test_exp_run_shows_in_exp_show_and_names_its_mlflow_run(repo):
     assert tracked.data.tags["dvc.exp_name"] == "two-epochs"
     assert tracked.info.status == "FINISHED"
     assert tracked.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+
+    # From the experiment's commit to its run and registered version.
+    rev = next(
+        rev["rev"]
+        for baseline in shown
+        for group in baseline.get("experiments") or []
+        for rev in group["revs"]
+        if rev["name"] == "two-epochs"
+    )
+    train_run = json.loads(run(repo, "git", "show", f"{rev}:lineage/train_run.json"))
+    assert train_run["run_id"] == tracked.info.run_id
+    registered = json.loads(run(repo, "git", "show", f"{rev}:lineage/registered_model.json"))
+    version = client(repo).get_model_version("digits-cnn", str(registered["version"]))
+    assert version.run_id == tracked.info.run_id
 
 
 def test_repro_trains_on_a_folder_of_rgb_photos_at_64x64(tmp_path_factory):
@@ -249,3 +291,98 @@ def test_a_temporary_experiment_logs_to_the_projects_own_store(repo):
     assert tracked.info.status == "FINISHED"
     assert tracked.data.tags["dvc.exp_name"] == "temp-run"
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_a_queued_experiment_logs_to_the_projects_own_store(repo):
+    """`dvc exp run --queue` + `dvc queue start` run in a temporary copy, like --temp."""
+    run(repo, "dvc", "exp", "run", "--queue", "-n", "queued-run", "-S", "train.epochs=1")
+    run(repo, "dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(repo, "dvc", "queue", "status")
+        line = next(line for line in status.splitlines() if "queued-run" in line)
+        if "Success" in line or "Failed" in line:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert "Success" in line, run(repo, "dvc", "queue", "logs", "queued-run")
+    tracked = runs_by_name(repo)["queued-run"]
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.tags["dvc.exp_name"] == "queued-run"
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def kill_during(repo: Path, stage: str, settle: float) -> None:
+    """Start `dvc repro`, SIGKILL it and its stage ``settle`` seconds into ``stage``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "true"
+    process = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if f"Running stage '{stage}'" in line:
+            break
+    else:
+        pytest.fail(f"stage {stage} never started:\n{''.join(seen)[-3000:]}")
+    time.sleep(settle)
+    assert process.poll() is None, f"dvc repro ended before the kill:\n{''.join(seen)}"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def running_runs(repo: Path) -> list[str]:
+    experiment = client(repo).get_experiment_by_name("image-classification")
+    runs = client(repo).search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    )
+    return [r.info.run_id for r in runs]
+
+
+def test_sigkill_during_training_then_repro_recovers_cleanly(repo):
+    set_params(repo, epochs=3)
+    kill_during(repo, "train", settle=4)
+    output = run(repo, "dvc", "repro")
+    assert stages_run(output) == ["train", "evaluate", "export"]
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status")
+    assert running_runs(repo) == []
+    load_model(str(repo / "models/model.keras"))  # whole, and safe to load
+
+
+def test_sigkill_during_export_then_repro_recovers_and_keeps_the_champion(repo):
+    champion = client(repo).get_model_version_by_alias("digits-cnn", "champion").version
+    set_params(repo, "export", promotion_margin=0.5)  # only export reruns; never promotes
+    kill_during(repo, "export", settle=3)
+    output = run(repo, "dvc", "repro")
+    assert stages_run(output) == ["export"]
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "status")
+    assert running_runs(repo) == []
+    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    assert record["alias"] == "challenger"
+    assert client(repo).get_model_version_by_alias("digits-cnn", "champion").version == champion
+
+
+def test_repro_force_reproduces_weights_metrics_and_predictions_bit_for_bit(repo):
+    outputs = [
+        "metrics/train.json",
+        "metrics/evaluate.json",
+        "plots/history.csv",
+        "plots/evaluate/confusion.csv",
+        "plots/evaluate/calibration.csv",
+    ]
+    before = {name: (repo / name).read_text() for name in outputs}
+    weights = load_model(str(repo / "models/model.keras")).get_weights()
+    output = run(repo, "dvc", "repro", "--force")
+    assert stages_run(output) == STAGES
+    assert {name: (repo / name).read_text() for name in outputs} == before
+    again = load_model(str(repo / "models/model.keras")).get_weights()
+    for first, second in zip(weights, again, strict=True):
+        np.testing.assert_array_equal(first, second)
