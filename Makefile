@@ -58,6 +58,7 @@ format: install ## apply ruff's fixes and formatting
 bench: install ## run the benchmarks (full MNIST reads ../shared/data/mnist); JSON in benchmarks/results
 	python -m benchmarks.ingest --images 3000
 	python -m benchmarks.mnist --epochs 10 --batch-size 64
+	python -m benchmarks.serving
 
 clean: ## remove pipeline outputs and the local MLflow store (keeps .venv)
 	rm -rf data models mlflow.db mlartifacts .dvc/tmp .dvc/cache

@@ -7,9 +7,14 @@ from pathlib import Path
 RESULTS_DIR = Path("benchmarks/results")
 
 
+def write_results(name: str, summary: dict) -> Path:
+    """Keep a benchmark's summary as benchmarks/results/<name>.json; return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return path
+
+
 def report(name: str, summary: dict) -> None:
     """Print a benchmark's summary and keep it as benchmarks/results/<name>.json."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(summary, indent=2) + "\n"
-    (RESULTS_DIR / f"{name}.json").write_text(text)
-    print(text, end="")
+    print(write_results(name, summary).read_text(), end="")
