@@ -61,10 +61,17 @@ class PreprocessParams(_Section):
 class TrainParams(_Section):
     """The network and how it is fitted (stage ``train``)."""
 
-    architecture: Literal["reference_cnn"]
+    architecture: Literal["reference_cnn", "small_bn_cnn"]
     epochs: int = Field(ge=1, le=10_000)
     batch_size: int = Field(ge=1, le=65_536)
     learning_rate: float = Field(gt=0, le=10)
+    # constant: learning_rate throughout; warmup_cosine: linear warmup from a tenth of it
+    # to learning_rate over warmup_epochs, then cosine decay to zero at the last epoch.
+    schedule: Literal["constant", "warmup_cosine"]
+    warmup_epochs: float = Field(ge=0, le=10_000)
+    augment: Literal["none", "shift"]
+    # auto: mixed_bfloat16 where the CPU has bf16 instructions (AMX or AVX512_BF16).
+    precision: Literal["auto", "float32", "mixed_bfloat16"]
     seed: int = Field(ge=0)
     resume: bool
 
@@ -81,6 +88,7 @@ class ExportParams(_Section):
     model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-]*$")
     accuracy_floor: float = Field(ge=0, le=1)
     promotion_margin: float = Field(ge=0, le=1)
+    int8_max_accuracy_drop: float = Field(ge=0, le=1)
 
 
 class Params(_Section):

@@ -86,7 +86,11 @@ def decide(
 
 
 def export_formats(
-    model: keras.Model, model_path: Path, data_dir: Path, out_dir: Path
+    model: keras.Model,
+    model_path: Path,
+    data_dir: Path,
+    out_dir: Path,
+    int8_max_drop: float = formats.INT8_MAX_ACCURACY_DROP,
 ) -> dict[str, dict[str, float]]:
     """Write every format into ``out_dir`` and check each against Keras on the test split.
 
@@ -101,7 +105,9 @@ def export_formats(
     paths = formats.export_formats(model_path, representative, out_dir)
     reference = model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
     runners = {name: formats.load_runner(name, path) for name, path in paths.items()}
-    report = formats.check_parity(reference, runners, test.images, test.labels)
+    report = formats.check_parity(
+        reference, runners, test.images, test.labels, int8_max_drop=int8_max_drop
+    )
     for name, size in formats.format_sizes(paths).items():
         report[name]["size_bytes"] = size
     formats.assert_parity(report)
@@ -131,7 +137,7 @@ def run(
     model = load_model(str(model_path))
     candidate = score(model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0), test.labels)
     with tracking.resumed_run(run_id), atomic_path(formats_dir, directory=True) as staged:
-        report = export_formats(model, model_path, data_dir, staged)
+        report = export_formats(model, model_path, data_dir, staged, cfg.int8_max_accuracy_drop)
         tracking.log_metrics(
             {
                 f"format.{name}.{key}": value

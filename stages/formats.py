@@ -264,10 +264,10 @@ def load_runner(fmt: str, path: Path) -> Runner:
         ) from error
 
 
-def parity_bound(fmt: str) -> tuple[str, float]:
+def parity_bound(fmt: str, int8_max_drop: float = INT8_MAX_ACCURACY_DROP) -> tuple[str, float]:
     """The figure a format is judged on and its largest passing value."""
     if fmt == "tflite_int8":
-        return "accuracy_drop", INT8_MAX_ACCURACY_DROP
+        return "accuracy_drop", int8_max_drop
     return "max_abs_diff", FLOAT_TOLERANCE
 
 
@@ -284,12 +284,13 @@ def check_parity(
     images: np.ndarray,
     labels: np.ndarray,
     batch_size: int = PREDICT_BATCH_SIZE,
+    int8_max_drop: float = INT8_MAX_ACCURACY_DROP,
 ) -> dict[str, dict[str, float | bool]]:
     """Score each format's probabilities on ``images`` against the Keras ``reference``.
 
     Per format: ``max_abs_diff`` from the reference probabilities, ``accuracy``,
-    ``accuracy_drop`` (reference accuracy minus the format's) and ``passed``, judged on the
-    figure :func:`parity_bound` names.
+    ``accuracy_drop`` (reference accuracy minus the format's), the ``bound`` and
+    ``passed``, judged on the figure :func:`parity_bound` names.
     """
     if len(images) == 0 or reference.shape[0] != len(images) or labels.shape != (len(images),):
         raise DataError(
@@ -315,7 +316,8 @@ def check_parity(
             "accuracy": accuracy,
             "accuracy_drop": (reference_correct - correct) / len(images),
         }
-        figure, bound = parity_bound(fmt)
+        figure, bound = parity_bound(fmt, int8_max_drop)
+        figures["bound"] = bound
         figures["passed"] = bool(figures[figure] <= bound)
         report[fmt] = figures
         log.info(
@@ -329,7 +331,8 @@ def assert_parity(report: Mapping[str, Mapping[str, float | bool]]) -> None:
     failures = []
     for fmt, figures in report.items():
         if not figures["passed"]:
-            figure, bound = parity_bound(fmt)
+            figure, default_bound = parity_bound(fmt)
+            bound = figures.get("bound", default_bound)
             failures.append(f"{fmt} {figure} {figures[figure]:.3g} > {bound:g}")
     if failures:
         raise ParityError("exported formats differ from the Keras model: " + "; ".join(failures))

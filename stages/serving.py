@@ -173,14 +173,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         """Classify each image of ``model_input``; see the module's docstring for the forms."""
         images = to_batch(model_input, self.shape, self.resize)
-        import keras
-
-        # A direct call, not model.predict: no per-call set-up, no retracing per batch size.
+        # predict_on_batch runs a compiled function: several times faster than a direct
+        # call for one image, without model.predict's per-call set-up.
         probabilities = np.concatenate(
             [
-                keras.ops.convert_to_numpy(
-                    self.model(images[start : start + PREDICT_BATCH_SIZE], training=False)
-                )
+                np.asarray(self.model.predict_on_batch(images[start : start + PREDICT_BATCH_SIZE]))
                 for start in range(0, len(images), PREDICT_BATCH_SIZE)
             ]
             or [np.empty((0, len(self.class_names)), dtype=np.float32)]

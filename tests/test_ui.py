@@ -42,7 +42,12 @@ def ui(trained, tmp_path_factory):
             out / "plots",
         )
         export.run(
-            ExportParams(model_name=MODEL_NAME, accuracy_floor=0.0, promotion_margin=0.0),
+            ExportParams(
+                model_name=MODEL_NAME,
+                accuracy_floor=0.0,
+                promotion_margin=0.0,
+                int8_max_accuracy_drop=1.0,
+            ),
             "stretch",
             trained.data_dir,
             trained.model_path,
