@@ -43,11 +43,14 @@ def atomic_path(path: Path, *, directory: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            # A short write (a full disk: numpy's "N requested and M written") names no file.
+            raise OSError(f"{path}: {error.strerror or error}") from error
         raise
 
 

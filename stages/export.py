@@ -216,10 +216,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    params = load_params(args.params)
-    return run_stage(
-        "export",
-        lambda: run(
+
+    def body() -> None:
+        params = load_params(args.params)
+        run(
             params.export,
             params.preprocess.resize,
             args.data,
@@ -229,8 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.format_metrics,
             args.out,
             args.decision,
-        ),
-    )
+        )
+
+    return run_stage("export", body)
 
 
 if __name__ == "__main__":

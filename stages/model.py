@@ -6,12 +6,14 @@ itself, so a served model cannot be fed differently from the one that was traine
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 from keras import layers
 
-from stages.errors import ParamsError
+from stages.errors import ParamsError, StageError
 
 # Reference CNN: three 3x3 valid convolutions with 2x2 pooling after the first two.
 # Its smallest input leaves a 1x1 map after the last convolution: ((s-2)//2-2)//2-2 >= 1.
@@ -40,8 +42,44 @@ def reference_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.
     return keras.Model(inputs, outputs, name="reference_cnn")
 
 
+# small_bn_cnn: (filters, convolutions) per block, a 2x2 max pool between blocks.
+SMALL_BN_BLOCKS = ((24, 2), (48, 2), (80, 1))
+SMALL_BN_MIN_SIZE = 4  # two 2x2 poolings leave at least 1x1 for the global average
+
+
+def small_bn_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """A small VGG-style CNN with batch norm and global average pooling.
+
+    About 73k parameters at 28x28x1 with 10 classes (fewer than reference_cnn's 93k); the
+    count does not grow with the image size. 3x3 'same' convolutions, so any size from
+    4x4 up, grayscale or RGB.
+    """
+    height, width, _ = input_shape
+    if min(height, width) < SMALL_BN_MIN_SIZE:
+        raise ParamsError(
+            f"architecture small_bn_cnn needs images of at least "
+            f"{SMALL_BN_MIN_SIZE}x{SMALL_BN_MIN_SIZE}, got {height}x{width} "
+            "(preprocess.image_height / image_width in params.yaml)"
+        )
+    inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
+    x = layers.Rescaling(1 / 255, name="scale")(inputs)
+    for block, (filters, convolutions) in enumerate(SMALL_BN_BLOCKS, start=1):
+        if block > 1:
+            x = layers.MaxPooling2D(2, name=f"pool{block - 1}")(x)
+        for conv in range(1, convolutions + 1):
+            name = f"block{block}_conv{conv}"
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=name)(x)
+            x = layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = layers.ReLU(name=f"{name}_relu")(x)
+    x = layers.GlobalAveragePooling2D(name="average")(x)
+    x = layers.Dropout(0.2, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="small_bn_cnn")
+
+
 ARCHITECTURES: dict[str, Callable[[tuple[int, int, int], int], keras.Model]] = {
     "reference_cnn": reference_cnn,
+    "small_bn_cnn": small_bn_cnn,
 }
 
 
@@ -59,6 +97,67 @@ def build_model(
     return ARCHITECTURES[architecture](tuple(input_shape), num_classes)
 
 
+class ModelFileError(StageError):
+    """A model file is missing, is not a ``.keras`` archive, or cannot be loaded safely."""
+
+
+# The first bytes of an HDF5 file: Keras' legacy format, which safe mode did not cover
+# before Keras 3.11.3 (CVE-2025-9905). Only the .keras zip format is loaded.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+PICKLE_PROTOCOL_BYTE = 0x80
+KERAS_CONFIG = "config.json"
+REASON_MAX_CHARS = 300
+
+
+def _not_a_keras_archive(model_path: Path) -> str | None:
+    """Why ``model_path`` is not a ``.keras`` zip archive, or None if it looks like one."""
+    if not model_path.exists():
+        return "no such file"
+    if not model_path.is_file():
+        return "not a file"
+    with model_path.open("rb") as file:
+        head = file.read(len(HDF5_SIGNATURE))
+    if head.startswith(HDF5_SIGNATURE):
+        return "an HDF5 (.h5) file, not a .keras archive; the legacy HDF5 format is not loaded"
+    if head[:1] == bytes([PICKLE_PROTOCOL_BYTE]):
+        return "a Python pickle, not a .keras archive; pickles are never loaded"
+    if not zipfile.is_zipfile(model_path):
+        return "not a .keras archive (not a zip file: empty, truncated or another format)"
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            if KERAS_CONFIG not in archive.namelist():
+                return f"a zip file without {KERAS_CONFIG}, not a .keras archive"
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"a corrupt .keras archive ({error})"
+    return None
+
+
+def _innermost_reason(error: BaseException) -> str:
+    """The first sentence of the deepest error in the chain: Keras wraps the telling one."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    sentence = first.split(". ", 1)[0].rstrip(".")
+    if len(sentence) > REASON_MAX_CHARS:
+        sentence = sentence[: REASON_MAX_CHARS - 3] + "..."
+    return sentence
+
+
 def load_model(path: str) -> keras.Model:
-    """Load a ``.keras`` model with safe mode on: no pickled or Lambda code is run."""
-    return keras.saving.load_model(path, safe_mode=True)
+    """Load a ``.keras`` model with safe mode on: no pickled or Lambda code is run.
+
+    Anything else is refused with a ModelFileError naming the file and why, never a raw
+    Keras error: an HDF5 or pickle file, a truncated archive, or a config that asks for a
+    Python lambda or for code outside Keras (CVE-2025-1550, CVE-2025-8747, CVE-2025-9906).
+    """
+    model_path = Path(path)
+    problem = _not_a_keras_archive(model_path)
+    if problem is not None:
+        raise ModelFileError(f"{model_path}: {problem}")
+    try:
+        return keras.saving.load_model(model_path, safe_mode=True)
+    except Exception as error:  # Keras raises ValueError, TypeError, KeyError, zip and h5 errors
+        raise ModelFileError(
+            f"{model_path}: cannot load this model safely: {_innermost_reason(error)}"
+        ) from error

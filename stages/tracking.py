@@ -89,12 +89,47 @@ def _artifact_location(uri: str) -> str | None:
 @contextmanager
 def _reporting_mlflow_errors() -> Iterator[None]:
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     try:
         yield
-    except MlflowException as error:
-        first_line = str(error.message).strip().splitlines()[0] if str(error.message) else ""
-        raise TrackingError(f"MLflow store {tracking_uri()}: {first_line}") from error
+    except (MlflowException, SQLAlchemyError) as error:
+        # SQLAlchemyError: MLflow lets it out as is where it opens a sqlite store.
+        raise TrackingError(f"MLflow store {tracking_uri()}: {_root_cause(error)}") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost cause: MLflow and SQLAlchemy wrap the telling one."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# A store locked for a moment must not leave a failed run RUNNING: retry marking it.
+END_RUN_RETRY_DELAYS_S = (1, 2, 4, 8)
+
+
+def _end_run(run_id: str, status: str) -> None:
+    """Mark the active run ``status``, retrying a store that refuses; warn if it never takes."""
+    import time
+
+    import mlflow
+
+    try:
+        mlflow.end_run(status)
+        return
+    except Exception as error:
+        last_error = error
+    # mlflow.end_run forgets the run before writing, so a retry must name it.
+    for delay in END_RUN_RETRY_DELAYS_S:
+        time.sleep(delay)
+        try:
+            mlflow.MlflowClient().set_terminated(run_id, status)
+            return
+        except Exception as error:
+            last_error = error
+    log.warning("could not mark MLflow run %s %s: %s", run_id, status, _root_cause(last_error))
 
 
 def connect() -> str:
@@ -103,6 +138,8 @@ def connect() -> str:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
+    # TrackingError says what went wrong in one line; MLflow would add a traceback.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     mlflow.set_tracking_uri(uri)
     name = experiment_name()
     with _reporting_mlflow_errors():
@@ -160,10 +197,7 @@ def _run(**start_args: Any) -> Iterator[str]:
         yield run.info.run_id
     except BaseException as error:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-        try:
-            mlflow.end_run(status)
-        except Exception as end_error:  # the original error matters more than this one
-            log.warning("could not mark MLflow run %s %s: %s", run.info.run_id, status, end_error)
+        _end_run(run.info.run_id, status)  # the original error matters more than its failure
         raise
     with _reporting_mlflow_errors():
         mlflow.end_run("FINISHED")
@@ -336,12 +370,18 @@ def log_dataset(
     """Record a dataset as an input of the active run (MLflow computes its digest)."""
     import mlflow
     import mlflow.data
+    from mlflow.exceptions import MlflowException
 
     with _reporting_mlflow_errors(), warnings.catch_warnings():
         # A local path matches two registered source types that mean the same thing.
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
         dataset = mlflow.data.from_numpy(images, targets=labels, name=name, source=source)
-        mlflow.log_input(dataset, context=context)
+        try:
+            mlflow.log_input(dataset, context=context)
+        except MlflowException:
+            # Another run logged the same dataset between MLflow's check and its insert;
+            # now the check finds it, and this run is linked to it.
+            mlflow.log_input(dataset, context=context)
     return dataset.digest
 
 
