@@ -54,3 +54,23 @@ def test_too_small_images_are_a_clear_error():
 def test_unknown_architecture_is_named():
     with pytest.raises(ParamsError, match=r"unknown architecture 'resnet9000'"):
         build_model("resnet9000", (28, 28, 1), 10)
+
+
+def test_small_bn_cnn_has_under_100k_parameters_and_scales_itself():
+    model = build_model("small_bn_cnn", (28, 28, 1), 10)
+    assert model.count_params() == 72_770
+    assert model.inputs[0].dtype == "uint8"
+    assert model.get_layer("scale").scale == pytest.approx(1 / 255)
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert isinstance(model.get_layer("average"), keras.layers.GlobalAveragePooling2D)
+
+
+def test_small_bn_cnn_builds_for_rgb_images_of_other_sizes():
+    model = build_model("small_bn_cnn", (48, 64, 3), 2)
+    assert model.count_params() < 100_000
+    assert model.predict(np.zeros((1, 48, 64, 3), np.uint8), verbose=0).shape == (1, 2)
+
+
+def test_small_bn_cnn_refuses_images_too_small_to_pool_twice():
+    with pytest.raises(ParamsError, match=r"small_bn_cnn needs images of at least 4x4, got 3x8"):
+        build_model("small_bn_cnn", (3, 8, 1), 10)

@@ -134,3 +134,109 @@ def test_interrupted_training_ends_the_run_killed_and_saves_no_model(
         train_two_epochs(prepared_digits, tmp_path)
     assert not model_path.exists()
     assert run_statuses(mlflow_store) == ["KILLED"]
+
+
+CPUINFO_AMX = "processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n\n"
+CPUINFO_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n"
+CPUINFO_PLAIN = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\nbugs\t\t: amx_bf16\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        (CPUINFO_AMX, "mixed_bfloat16"),
+        (CPUINFO_AVX512_BF16, "mixed_bfloat16"),
+        (CPUINFO_PLAIN, "float32"),  # a flag name outside the flags line does not count
+        ("", "float32"),  # no /proc/cpuinfo: macOS, Windows
+    ],
+)
+def test_precision_auto_picks_bfloat16_only_on_cpus_with_bf16_flags(cpuinfo, expected):
+    assert train.resolve_precision("auto", cpuinfo) == expected
+
+
+def test_explicit_precision_is_taken_as_it_is():
+    assert train.resolve_precision("float32", CPUINFO_AMX) == "float32"
+    assert train.resolve_precision("mixed_bfloat16", CPUINFO_PLAIN) == "mixed_bfloat16"
+
+
+def train_one_epoch(data_dir, out_dir, **overrides):
+    """The train stage's run() for one epoch with ``overrides`` of train.*."""
+    return train.run(
+        project_params(train={"epochs": 1, **overrides}),
+        data_dir,
+        out_dir / "model.keras",
+        out_dir / "history.csv",
+        out_dir / "train.json",
+        out_dir / "run.json",
+    )
+
+
+def test_model_trained_in_bfloat16_is_saved_as_a_float32_model(
+    prepared_digits, tmp_path, mlflow_store
+):
+    result = train_one_epoch(prepared_digits, tmp_path, precision="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    saved = load_model(str(tmp_path / "model.keras"))
+    for model in (saved, result.model):
+        assert model.compute_dtype == "float32"
+        assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+        assert {weight.dtype for weight in model.weights} == {"float32"}
+    images = read_image_set(prepared_digits / "test").images[:32]
+    np.testing.assert_array_equal(
+        saved.predict(images, verbose=0), result.model.predict(images, verbose=0)
+    )
+    assert result.history["val_accuracy"].iloc[-1] > 0.5
+
+
+def test_warmup_cosine_schedule_changes_the_logged_learning_rate(
+    prepared_digits, tmp_path, mlflow_store
+):
+    def logged_rates(out_dir, **overrides):
+        result = train.run(
+            project_params(train={"epochs": 2, **overrides}),
+            prepared_digits,
+            out_dir / "model.keras",
+            out_dir / "history.csv",
+            out_dir / "train.json",
+            out_dir / "run.json",
+        )
+        client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+        return [m.value for m in client.get_metric_history(result.run_id, "learning_rate")]
+
+    assert logged_rates(tmp_path / "constant") == pytest.approx([0.001, 0.001])
+    cosine = logged_rates(tmp_path / "cosine", schedule="warmup_cosine", warmup_epochs=1.0)
+    # End of epoch 1: warmup done, at the peak; end of epoch 2: decayed to zero.
+    assert cosine == pytest.approx([0.001, 0.0], abs=1e-6)
+
+
+def test_learning_rate_schedule_warms_up_from_a_tenth_then_decays():
+    cfg = project_params(
+        train={"epochs": 4, "schedule": "warmup_cosine", "warmup_epochs": 1.0}
+    ).train
+    schedule = train.learning_rate(cfg, steps_per_epoch=10)
+    rates = [float(keras.ops.convert_to_numpy(schedule(step))) for step in (0, 10, 25, 40)]
+    assert rates == pytest.approx([0.0001, 0.001, 0.0005, 0.0], abs=1e-7)
+
+
+def test_shift_moves_each_image_by_up_to_two_pixels_the_same_for_the_same_seed():
+    images = np.zeros((200, 28, 28, 1), np.uint8)
+    images[:, 13, 13] = 255
+    shifted = train.shift_images(images, np.random.default_rng(0))
+    positions = np.argwhere(shifted[..., 0] == 255)
+    assert len(positions) == 200  # a dot two pixels from the centre stays in frame
+    offsets = positions[:, 1:] - 13
+    assert np.abs(offsets).max() == 2
+    assert len({tuple(o) for o in offsets}) == 25  # all 5 x 5 shifts occur
+    again = train.shift_images(images, np.random.default_rng(0))
+    np.testing.assert_array_equal(shifted, again)
+
+
+def test_shift_augmentation_trains_and_leaves_the_saved_model_without_it(
+    prepared_digits, tmp_path, mlflow_store
+):
+    result = train_one_epoch(prepared_digits, tmp_path, augment="shift", precision="float32")
+    layer_types = {
+        type(layer).__name__ for layer in load_model(str(tmp_path / "model.keras")).layers
+    }
+    assert not any(name.startswith("Random") for name in layer_types)
+    assert result.history["val_accuracy"].iloc[-1] > 0.3
