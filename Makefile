@@ -21,7 +21,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help install run test ui serve exp compare lint format bench clean
+.PHONY: help install run test ui serve exp compare lint format bench clean team-up
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -57,10 +57,15 @@ lint: install ## ruff check and format check
 format: install ## apply ruff's fixes and formatting
 	ruff check --fix . && ruff format .
 
-bench: install ## run the benchmarks (full MNIST reads ../shared/data/mnist); JSON in benchmarks/results
+bench: install ## run the benchmarks (after make run; MNIST from ../shared/data/mnist); JSON in benchmarks/results
 	python -m benchmarks.ingest --images 3000
 	python -m benchmarks.mnist --epochs 10 --batch-size 64
+	python -m benchmarks.train --epochs 8 --batch-size 64
 	python -m benchmarks.serving
+	python -m benchmarks.overhead
+
+team-up: install ## try team mode here: S3 store + MLflow server with auth on 127.0.0.1 (Ctrl-C stops)
+	python scripts/team_up.py
 
 clean: ## remove pipeline outputs and the local MLflow store (keeps .venv)
 	rm -rf data models mlflow.db mlartifacts .dvc/tmp .dvc/cache

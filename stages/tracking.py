@@ -95,7 +95,24 @@ def _reporting_mlflow_errors() -> Iterator[None]:
         yield
     except (MlflowException, SQLAlchemyError) as error:
         # SQLAlchemyError: MLflow lets it out as is where it opens a sqlite store.
-        raise TrackingError(f"MLflow store {tracking_uri()}: {_root_cause(error)}") from error
+        raise TrackingError(f"MLflow store {tracking_uri()}: {_describe(error)}") from error
+
+
+def _describe(error: BaseException) -> str:
+    """``_root_cause``, but a server's refusal says whose login it was and what to check."""
+    from mlflow.exceptions import MlflowException
+
+    status = error.get_http_status_code() if isinstance(error, MlflowException) else None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "").strip()
+    if status == 401:
+        who = f"user {user!r}" if user else "MLFLOW_TRACKING_USERNAME is not set"
+        return (
+            f"authentication failed ({who}); check MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+    if status == 403:
+        return f"permission denied for user {user!r}: {_root_cause(error)}"
+    return _root_cause(error)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -404,14 +421,34 @@ def aliased_version(name: str, alias: str) -> Any | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    client = mlflow.MlflowClient()
     try:
-        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
         missing_model = error.error_code == "RESOURCE_DOES_NOT_EXIST"
         missing_alias = error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in error.message
         if missing_model or missing_alias:
             return None
-        raise TrackingError(f"MLflow store {tracking_uri()}: {error.message}") from error
+        # MLflow's basic auth answers 403, not 404, to a user who is not an admin asking
+        # for an alias of a model that does not exist yet; asking for the model says 404.
+        if error.error_code == "PERMISSION_DENIED" and not _registered_model_exists(name):
+            return None
+        raise TrackingError(f"MLflow store {tracking_uri()}: {_describe(error)}") from error
+
+
+def _registered_model_exists(name: str) -> bool:
+    """Whether the registry has a model ``name``; a refusal to say is a TrackingError."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with _reporting_mlflow_errors():
+        try:
+            mlflow.MlflowClient().get_registered_model(name)
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+    return True
 
 
 def aliased_model(name: str, alias: str) -> tuple[int, Any] | None:

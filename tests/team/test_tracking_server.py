@@ -1,0 +1,313 @@
+"""The pipeline on a team's MLflow server: basic auth, a database, artifacts proxied to S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from scripts import team_up
+from tests.conftest import PROJECT_ROOT
+from tests.team.conftest import (
+    EPOCHS,
+    MODEL_NAME,
+    Clone,
+    S3Store,
+    TrackingServer,
+    base_env,
+    free_port,
+    new_project,
+    run,
+    tracking_server,
+)
+
+pytestmark = pytest.mark.slow
+EXPERIMENT = "image-classification"
+# A client that has no S3 credentials, only the server's address and its own login.
+PREDICT = """
+import sys
+import mlflow
+import numpy as np
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+images = np.load(sys.argv[2])
+predictions = model.predict(images)
+np.save(sys.argv[3], np.array(predictions["probabilities"].tolist(), dtype=np.float32))
+"""
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """A `dvc repro` that logged to ``server`` as alice, and a place elsewhere to use it."""
+
+    server: TrackingServer
+    project: Clone  # where it ran
+    elsewhere: Clone  # another directory and user (bob), to load the model from
+    reference: Path  # a project directory holding the same model.keras and test images
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def tracked(request, s3: S3Store, tmp_path_factory) -> Iterator[Tracked]:
+    """The pipeline on a server with a sqlite, then a PostgreSQL, database."""
+    if request.param == "sqlite":  # the session's shared server and repro; Bob pulled it
+        bob = request.getfixturevalue("bob")
+        # Bob's S3 credentials are for DVC; MLflow must not need them.
+        bob_for_mlflow = Clone(bob.path, {k: v for k, v in bob.env.items() if "AWS_" not in k})
+        server, alice = request.getfixturevalue("server"), request.getfixturevalue("alice")
+        yield Tracked(server, alice, bob_for_mlflow, bob.path)
+        return
+    uri = request.getfixturevalue("postgres")
+    root = tmp_path_factory.mktemp("postgresql")
+    with tracking_server(root / "server", uri, s3) as server:
+        project = new_project(root / "project", server, "alice")
+        project.run("git", "add", "-A")
+        project.run("git", "commit", "-qm", "project")
+        project.run("dvc", "repro")
+        project.run("git", "add", "-A")
+        project.run("git", "commit", "-qm", "one epoch")
+        (root / "elsewhere").mkdir()
+        elsewhere = Clone(root / "elsewhere", base_env(**server.env("bob")))
+        yield Tracked(server, project, elsewhere, project.path)
+
+
+def lineage(project: Clone, name: str) -> dict:
+    return json.loads((project.path / "lineage" / name).read_text())
+
+
+def test_repro_logs_a_finished_run_with_params_metrics_and_commit(tracked: Tracked):
+    run_id = lineage(tracked.project, "train_run.json")["run_id"]
+    with tracked.server.client("alice") as client:
+        logged = client.get_run(run_id)
+        history = client.get_metric_history(run_id, "val_accuracy")
+    assert logged.info.status == "FINISHED"
+    assert logged.info.user_id == "alice"  # the server knows who logged it
+    assert logged.data.params["train.epochs"] == str(EPOCHS)
+    assert len(history) == EPOCHS
+    evaluation = json.loads((tracked.project.path / "metrics/evaluate.json").read_text())
+    assert logged.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    head = tracked.project.out("git", "rev-parse", "HEAD~1").strip()  # before the outputs
+    assert logged.data.tags["mlflow.source.git.commit"] == head
+
+
+def test_artifacts_go_through_the_server_into_the_bucket(tracked: Tracked, s3: S3Store):
+    run_id = lineage(tracked.project, "train_run.json")["run_id"]
+    with tracked.server.client("alice") as client:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        listed = {item.path for item in client.list_artifacts(run_id)}
+        evaluation = {item.path for item in client.list_artifacts(run_id, "evaluation")}
+        champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied
+    assert {"history.csv", "data", "evaluation"} <= listed
+    assert evaluation
+
+    keys = s3.keys("mlartifacts/")
+    run_prefix = f"mlartifacts/{experiment.experiment_id}/{run_id}/artifacts/"
+    assert f"{run_prefix}history.csv" in keys
+    for path in evaluation:
+        assert f"{run_prefix}{path}" in keys
+    assert champion.source.startswith("models:/")  # an MLflow 3 logged model: models:/<id>
+    model_id = champion.source.removeprefix("models:/")
+    model_prefix = f"mlartifacts/{experiment.experiment_id}/models/{model_id}/artifacts/"
+    assert f"{model_prefix}MLmodel" in keys
+    assert any(key.startswith(model_prefix) and key.endswith(".keras") for key in keys)
+    # Nothing of MLflow's is left in the project: no local store, no local artifacts.
+    assert not (tracked.project.path / "mlflow.db").exists()
+    assert not (tracked.project.path / "mlartifacts").exists()
+
+
+def test_export_registers_the_champion_on_the_server(tracked: Tracked):
+    registered = lineage(tracked.project, "registered_model.json")
+    run_id = lineage(tracked.project, "train_run.json")["run_id"]
+    assert (registered["name"], registered["alias"]) == (MODEL_NAME, "champion")
+    with tracked.server.client("bob") as client:  # anyone may read: default READ
+        champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert int(champion.version) == registered["version"]
+    assert champion.run_id == run_id
+
+
+def test_another_user_loads_the_champion_elsewhere_and_it_predicts_like_the_dvc_model(
+    tracked: Tracked, tmp_path: Path
+):
+    from stages.dataset import read_image_set
+    from stages.model import load_model
+
+    assert not any(key.startswith("AWS_") for key in tracked.elsewhere.env)
+    test_set = read_image_set(tracked.reference / "data/prepared/test")
+    images = tmp_path / "images.npy"
+    np.save(images, test_set.images)
+    predicted = tmp_path / "probabilities.npy"
+    tracked.elsewhere.run(
+        sys.executable, "-c", PREDICT, f"models:/{MODEL_NAME}@champion", str(images), str(predicted)
+    )
+    keras_model = load_model(str(tracked.reference / "models/model.keras"))
+    np.testing.assert_allclose(
+        np.load(predicted), keras_model.predict(test_set.images, verbose=0), rtol=1e-5, atol=1e-6
+    )
+
+
+# --- authentication -----------------------------------------------------------------------
+
+WRONG_PASSWORD = "not-alices-password"
+
+
+@pytest.fixture(scope="module")
+def refused(alice: Clone, server: TrackingServer, tmp_path_factory) -> tuple:
+    """The train stage run as alice with a wrong password; its result and output folder."""
+    out = tmp_path_factory.mktemp("refused")
+    done = alice.run(
+        "python",
+        "-m",
+        "stages.train",
+        "--data",
+        "data/prepared",
+        "--model",
+        str(out / "model.keras"),
+        "--history",
+        str(out / "history.csv"),
+        "--metrics",
+        str(out / "train.json"),
+        "--run-info",
+        str(out / "train_run.json"),
+        "--checkpoint",
+        str(out / "checkpoint"),
+        check=False,
+        MLFLOW_TRACKING_PASSWORD=WRONG_PASSWORD,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        LOG_LEVEL="ERROR",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONWARNINGS="ignore",
+    )
+    return done, out
+
+
+def error_line(done: subprocess.CompletedProcess, stage: str) -> str:
+    """The stage's one error line, checked to be the only one and without a traceback."""
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    prefix = f"{stage}: error: "
+    assert lines[-1].startswith(prefix), done.stderr[-3000:]
+    assert sum(line.startswith(prefix) for line in lines) == 1
+    return lines[-1].removeprefix(prefix)
+
+
+def test_a_wrong_password_fails_the_stage_in_one_line_naming_the_server(refused, server):
+    done, out = refused
+    message = error_line(done, "train")
+    assert message.startswith(f"MLflow store {server.url}: ")
+    assert "authenticat" in message  # "not authenticated" today; "authentication failed"
+    assert list(out.iterdir()) == []  # refused before anything was written
+
+
+def test_a_wrong_password_error_says_authentication_failed_for_the_user(refused, server):
+    message = error_line(refused[0], "train")
+    assert message.startswith(f"MLflow store {server.url}: authentication failed")
+    assert "'alice'" in message
+    assert "MLFLOW_TRACKING_PASSWORD" in message
+
+
+def test_a_user_finds_no_champion_of_a_model_nobody_registered_yet(alice: Clone):
+    done = alice.run(
+        "python",
+        "-c",
+        "from stages import tracking; tracking.connect(); "
+        "print(tracking.aliased_version('not-registered-yet', 'champion'))",
+        check=False,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "None"
+
+
+# --- make team-up -------------------------------------------------------------------------
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_team_up_prints_exports_that_work_and_ctrl_c_stops_everything(tmp_path: Path):
+    team_dir = tmp_path / ".team"
+    mlflow_port, s3_port = free_port(), free_port()
+    command = [
+        sys.executable,
+        "scripts/team_up.py",
+        "--dir",
+        str(team_dir),
+        "--mlflow-port",
+        str(mlflow_port),
+        "--s3-port",
+        str(s3_port),
+        "--user",
+        "carol",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env=base_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + team_up.STARTUP_SECONDS + 60
+        env_file = team_dir / "env.sh"
+        while not env_file.exists():
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "team-up did not get ready"
+            time.sleep(0.5)
+        assert os.stat(env_file).st_mode & 0o077 == 0  # it holds passwords
+        # What the user pastes, in a DVC project, then a push and an MLflow run with artifact.
+        project = tmp_path / "project"
+        project.mkdir()
+        (project / "hello.txt").write_text("hello, team\n")
+        log_run = (
+            "import mlflow; mlflow.set_experiment('team-up'); "
+            "run = mlflow.start_run(); mlflow.log_text('hi', 'hello.txt'); mlflow.end_run(); "
+            "print(run.info.run_id)"
+        )
+        script = (
+            f"set -e; dvc init -q --no-scm; source {env_file}; "
+            f"dvc add -q hello.txt; dvc push -q; python -c {shlex.quote(log_run)}"
+        )
+        done = run(project, "bash", "-c", script, env=base_env())
+        run_id = done.stdout.strip().splitlines()[-1]
+
+        printed = env_file.read_text()
+        key_id = printed.split("access_key_id ")[1].split()[0]
+        secret = printed.split("secret_access_key ")[1].split()[0]
+        keys = S3Store(f"http://127.0.0.1:{s3_port}", team_up.BUCKET, key_id, secret).keys()
+        md5 = dvc_file_md5(project / "hello.txt.dvc")
+        assert f"{team_up.DVC_PREFIX}/files/md5/{md5[:2]}/{md5[2:]}" in keys
+        assert any(key.endswith(f"/{run_id}/artifacts/hello.txt") for key in keys)
+
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in its terminal
+        output = process.communicate(timeout=60)[0]
+        assert process.returncode == 0, output
+        assert "stopping" in output
+        assert refuses_connections(mlflow_port)
+        assert refuses_connections(s3_port)
+    finally:
+        if process.poll() is None:
+            team_up.stop_process_group(process)  # SIGTERM: it stops its servers too
+
+
+def dvc_file_md5(dvc_file: Path) -> str:
+    return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
