@@ -20,17 +20,24 @@ from stages.errors import ParamsError, StageError
 REFERENCE_MIN_SIZE = 18
 
 
-def reference_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
-    """The design this project started from: about 93k parameters at 28x28x1, 10 classes."""
+def _scaled_input(
+    architecture: str, input_shape: tuple[int, int, int], min_size: int
+) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """The uint8 image input and its [0, 1] scaling; refuses images below ``min_size``."""
     height, width, _ = input_shape
-    if min(height, width) < REFERENCE_MIN_SIZE:
+    if min(height, width) < min_size:
         raise ParamsError(
-            f"architecture reference_cnn needs images of at least "
-            f"{REFERENCE_MIN_SIZE}x{REFERENCE_MIN_SIZE}, got {height}x{width} "
+            f"architecture {architecture} needs images of at least "
+            f"{min_size}x{min_size}, got {height}x{width} "
             "(preprocess.image_height / image_width in params.yaml)"
         )
     inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
-    x = layers.Rescaling(1 / 255, name="scale")(inputs)
+    return inputs, layers.Rescaling(1 / 255, name="scale")(inputs)
+
+
+def reference_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """The design this project started from: about 93k parameters at 28x28x1, 10 classes."""
+    inputs, x = _scaled_input("reference_cnn", input_shape, REFERENCE_MIN_SIZE)
     x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
@@ -54,15 +61,7 @@ def small_bn_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.M
     count does not grow with the image size. 3x3 'same' convolutions, so any size from
     4x4 up, grayscale or RGB.
     """
-    height, width, _ = input_shape
-    if min(height, width) < SMALL_BN_MIN_SIZE:
-        raise ParamsError(
-            f"architecture small_bn_cnn needs images of at least "
-            f"{SMALL_BN_MIN_SIZE}x{SMALL_BN_MIN_SIZE}, got {height}x{width} "
-            "(preprocess.image_height / image_width in params.yaml)"
-        )
-    inputs = keras.Input(shape=input_shape, dtype="uint8", name="image")
-    x = layers.Rescaling(1 / 255, name="scale")(inputs)
+    inputs, x = _scaled_input("small_bn_cnn", input_shape, SMALL_BN_MIN_SIZE)
     for block, (filters, convolutions) in enumerate(SMALL_BN_BLOCKS, start=1):
         if block > 1:
             x = layers.MaxPooling2D(2, name=f"pool{block - 1}")(x)
