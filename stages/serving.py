@@ -37,7 +37,9 @@ IMAGE_COLUMN = "image"
 # What travels with the registered model (artifact keys) and how it is described.
 KERAS_ARTIFACT = "keras_model"
 LABELS_ARTIFACT = "labels"
-RESIZE_CONFIG = "resize"
+PREPROCESSING_ARTIFACT = "preprocessing"
+PREPROCESSING_FILE = "preprocessing.json"
+RESIZE_KEY = "resize"
 PREDICT_BATCH_SIZE = 256
 PIXEL_RANGE = (0, 255)
 
@@ -160,7 +162,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
         self.model: keras.Model = load_model(context.artifacts[KERAS_ARTIFACT])
         self.class_names = json.loads(Path(context.artifacts[LABELS_ARTIFACT]).read_text())
-        self.resize: ResizePolicy = (context.model_config or {}).get(RESIZE_CONFIG, "stretch")
+        preprocessing = json.loads(Path(context.artifacts[PREPROCESSING_ARTIFACT]).read_text())
+        self.resize: ResizePolicy = preprocessing[RESIZE_KEY]
         self.shape = tuple(self.model.input_shape[1:])
 
     # MLflow reads this hint: a DataFrame hint leaves checking the input to the model, which

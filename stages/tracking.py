@@ -9,10 +9,12 @@ imported lazily so stages that never track start fast.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -495,29 +497,32 @@ def register_model(
         for package in ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")
     ]
     stages_dir = Path(serving.__file__).parent
-    model_config = {serving.RESIZE_CONFIG: resize}
-    with _reporting_mlflow_errors(), warnings.catch_warnings():
-        # class_index is never missing: MLflow's hint about integer columns does not apply.
-        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
-        # No input schema: the model takes pixel arrays or a column of image files, and
-        # checks what it gets itself (an input schema can describe only one of the two).
-        outputs = infer_signature(
-            None, _predict_example(model_path, labels_path, model_config, input_example)
-        ).outputs
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=stages_dir / "served_model.py",
-            code_paths=[str(stages_dir)],
-            artifacts={
-                serving.KERAS_ARTIFACT: str(model_path),
-                serving.LABELS_ARTIFACT: str(labels_path),
-            },
-            model_config=model_config,
-            signature=ModelSignature(inputs=None, outputs=outputs),
-            input_example=input_example,
-            pip_requirements=requirements,
-            registered_model_name=name,
-        )
+    with tempfile.TemporaryDirectory() as scratch:
+        # The resize policy travels as a file: MLflow would log a model_config as run params.
+        preprocessing = Path(scratch) / serving.PREPROCESSING_FILE
+        preprocessing.write_text(json.dumps({serving.RESIZE_KEY: resize}) + "\n")
+        artifacts = {
+            serving.KERAS_ARTIFACT: str(model_path),
+            serving.LABELS_ARTIFACT: str(labels_path),
+            serving.PREPROCESSING_ARTIFACT: str(preprocessing),
+        }
+        with _reporting_mlflow_errors(), warnings.catch_warnings():
+            # class_index is never missing: MLflow's hint about integer columns does not apply.
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
+            # No input schema: the model takes pixel arrays or a column of image files, and
+            # checks what it gets itself (an input schema can describe only one of the two).
+            outputs = infer_signature(None, _predict_example(artifacts, input_example)).outputs
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=stages_dir / "served_model.py",
+                code_paths=[str(stages_dir)],
+                artifacts=artifacts,
+                signature=ModelSignature(inputs=None, outputs=outputs),
+                input_example=input_example,
+                pip_requirements=requirements,
+                registered_model_name=name,
+            )
+    with _reporting_mlflow_errors():
         version = int(info.registered_model_version)
         client = mlflow.MlflowClient()
         for key, value in (tags or {}).items():
@@ -534,27 +539,14 @@ def register_model(
     }
 
 
-def _predict_example(
-    model_path: Path,
-    labels_path: Path,
-    model_config: Mapping[str, str],
-    input_example: pd.DataFrame,
-) -> pd.DataFrame:
+def _predict_example(artifacts: Mapping[str, str], input_example: pd.DataFrame) -> pd.DataFrame:
     """What the model to be logged returns for ``input_example``, to infer its output schema."""
     from mlflow.pyfunc import PythonModelContext
 
     from stages import serving
 
     classifier = serving.ImageClassifier()
-    classifier.load_context(
-        PythonModelContext(
-            artifacts={
-                serving.KERAS_ARTIFACT: str(model_path),
-                serving.LABELS_ARTIFACT: str(labels_path),
-            },
-            model_config=dict(model_config),
-        )
-    )
+    classifier.load_context(PythonModelContext(artifacts=dict(artifacts), model_config=None))
     return classifier.predict(None, input_example)
 
 

@@ -116,6 +116,11 @@ def test_registered_model_is_code_and_weights_with_labels_signature_and_example(
     assert "code/stages/serving.py" in files
     labels = json.loads(next(local.glob("artifacts/classes.json")).read_text())
     assert labels == json.loads((trained.data_dir / CLASSES_FILE).read_text())
+    preprocessing = json.loads(next(local.glob("artifacts/preprocessing.json")).read_text())
+    assert preprocessing == {"resize": "stretch"}
+    # The training run's params stay those of params.yaml: nothing the model logs adds any.
+    run = mlflow.MlflowClient().get_run(registered["run_id"])
+    assert set(run.data.params) == set(trained.params.flat())
     info = mlflow.models.get_model_info(registered["model_uri"])
     assert info.signature.inputs is None
     assert info.signature.outputs.input_names() == [
