@@ -27,7 +27,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,14 +34,11 @@ from stages import formats, tracking
 from stages.atomic import atomic_path, write_json
 from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from stages.config import ExportParams, load_params
-from stages.dataset import CLASSES_FILE, read_image_set
+from stages.dataset import CLASSES_FILE, ImageSet, read_image_set
 from stages.errors import StageError
 from stages.evaluate import score
 from stages.images import ResizePolicy
 from stages.serving import png_frame, probabilities_of
-
-if TYPE_CHECKING:
-    import keras
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +82,24 @@ def decide(
 
 
 def export_formats(
-    model: keras.Model,
     model_path: Path,
     data_dir: Path,
+    test: ImageSet,
+    reference: np.ndarray,
     out_dir: Path,
     int8_max_drop: float = formats.INT8_MAX_ACCURACY_DROP,
 ) -> dict[str, dict[str, float]]:
-    """Write every format into ``out_dir`` and check each against Keras on the test split.
+    """Write every format into ``out_dir`` and check each on ``test`` against ``reference``.
 
-    Returns each format's size, largest probability difference and accuracy; raises
+    ``reference`` is the Keras model's probabilities for the test images. Returns each
+    format's size, largest probability difference and accuracy; raises
     :class:`formats.ParityError` if any format gives different answers.
     """
-    test = read_image_set(Path(data_dir) / "test")
     train = read_image_set(Path(data_dir) / "train")
     representative = train.images[
         np.random.default_rng(0).permutation(len(train.images))[:REPRESENTATIVE_IMAGES]
     ]
     paths = formats.export_formats(model_path, representative, out_dir)
-    reference = model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
     runners = {name: formats.load_runner(name, path) for name, path in paths.items()}
     report = formats.check_parity(
         reference, runners, test.images, test.labels, int8_max_drop=int8_max_drop
@@ -135,9 +131,12 @@ def run(
     run_id = tracking.read_run_id(run_info_path)
     test = read_image_set(Path(data_dir) / "test")
     model = load_model(str(model_path))
-    candidate = score(model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0), test.labels)
+    reference = model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
+    candidate = score(reference, test.labels)
     with tracking.resumed_run(run_id), atomic_path(formats_dir, directory=True) as staged:
-        report = export_formats(model, model_path, data_dir, staged, cfg.int8_max_accuracy_drop)
+        report = export_formats(
+            model_path, data_dir, test, reference, staged, cfg.int8_max_accuracy_drop
+        )
         tracking.log_metrics(
             {
                 f"format.{name}.{key}": value
