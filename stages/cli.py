@@ -41,17 +41,37 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: unwind like Ctrl-C (MLflow runs end KILLED, temporaries go)."""
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(f"signal {signum}")
+# Signals received by this process. Python runs a handler between any two bytecodes, so
+# its exception can land in a garbage-collector callback or a ``__del__``, where Python
+# prints "Exception ignored" and carries on; long loops call raise_if_signalled() so that
+# such a swallowed signal still stops them at their next safe point.
+_received: list[int] = []
+INTERRUPTS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return Terminated(f"signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise _interruption(signum)
+
+
+def raise_if_signalled() -> None:
+    """Raise Terminated (SIGTERM) or KeyboardInterrupt (Ctrl-C) if one arrived and was lost."""
+    if _received:
+        raise _interruption(_received[0])
 
 
 def run_stage(name: str, body: Callable[[], object]) -> int:
     """Run a stage's body; expected failures become one line on stderr and exit code 1.
 
     Ctrl-C and SIGTERM (what `kill`, DVC and schedulers send) exit with 130 and 143, the
-    shell's codes for those signals.
+    shell's codes for those signals. The signal handlers are the stage's only while it runs.
     """
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {signum: signal.signal(signum, _on_signal) for signum in INTERRUPTS}
+    _received.clear()
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
         format=f"%(asctime)s {name}: %(message)s",
@@ -68,4 +88,8 @@ def run_stage(name: str, body: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()
     return 0

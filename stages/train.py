@@ -37,7 +37,7 @@ import pandas as pd
 
 from stages import tracking
 from stages.atomic import atomic_path, write_json, write_text
-from stages.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
+from stages.cli import MODEL, PREPARED, RUN_INFO, raise_if_signalled, run_stage, stage_parser
 from stages.config import Params, TrainParams, load_params
 from stages.dataset import CLASSES_FILE, read_splits
 from stages.errors import StageError, TrainingDiverged
@@ -188,6 +188,16 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Stop at the next batch if a SIGTERM or Ctrl-C arrived but its exception was lost."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        raise_if_signalled()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        raise_if_signalled()
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """After each epoch, replace the checkpoint with the model, its optimizer and the history."""
 
@@ -322,6 +332,7 @@ def run(
         else:  # an epoch checkpointed just before the interrupt may not have reached MLflow
             tracking.log_missing_epochs(rows)
         stage_callbacks = [
+            StopOnSignal(),
             StopOnNonFiniteLoss(),
             LogLearningRate(),
             MlflowEpochLogger(),

@@ -1,17 +1,11 @@
+import contextlib
 import os
 import signal
 
 import pytest
 
-from stages.cli import run_stage
+from stages.cli import raise_if_signalled, run_stage
 from stages.errors import DataError
-
-
-@pytest.fixture(autouse=True)
-def restore_sigterm():
-    previous = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, previous)
 
 
 def test_expected_error_is_one_line_and_exit_1(capsys):
@@ -51,3 +45,26 @@ def test_ctrl_c_exits_130(capsys):
 
     assert run_stage("export", body) == 130
     assert capsys.readouterr().err == "export: interrupted\n"
+
+
+def test_a_sigterm_whose_exception_was_swallowed_is_raised_at_the_next_check(capsys):
+    def body():
+        # what Python does to an exception raised in a weakref callback or __del__
+        with contextlib.suppress(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise_if_signalled()
+        raise AssertionError("the lost SIGTERM was not raised again")
+
+    assert run_stage("train", body) == 143
+    assert capsys.readouterr().err == "train: terminated\n"
+
+
+def test_the_stage_signal_handlers_are_put_back_and_forget_the_signal():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    def body():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    assert run_stage("train", body) == 130
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    raise_if_signalled()  # the stage's Ctrl-C does not leak into whatever runs next

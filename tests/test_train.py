@@ -1,16 +1,21 @@
 import json
+import os
+import signal
+import sys
+import weakref
 
 import keras
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from stages import train
 from stages.dataset import read_image_set
 from stages.errors import TrainingDiverged
 from stages.model import load_model
-from tests.conftest import DVC_EXPERIMENT, TRAIN_EPOCHS, project_params
+from tests.conftest import DVC_EXPERIMENT, PROJECT_ROOT, TRAIN_EPOCHS, project_params
 
 
 def test_train_writes_model_history_metrics_and_run_id(trained):
@@ -132,6 +137,41 @@ def test_interrupted_training_ends_the_run_killed_and_saves_no_model(
     model_path = tmp_path / "model.keras"
     with pytest.raises(KeyboardInterrupt):
         train_two_epochs(prepared_digits, tmp_path)
+    assert not model_path.exists()
+    assert run_statuses(mlflow_store) == ["KILLED"]
+
+
+def test_sigterm_lost_in_a_garbage_collector_callback_still_stops_training(
+    prepared_digits, tmp_path, mlflow_store, monkeypatch, capsys
+):
+    """Python runs a signal handler between any two bytecodes; if that is inside a weakref
+    callback its exception is printed and dropped. Training must stop all the same."""
+    lost, dropped = [], []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
+
+    def lose_a_sigterm(self, batch, logs=None):
+        if not lost:
+            doomed = keras.layers.Layer()
+            ref = weakref.ref(doomed, lambda _: os.kill(os.getpid(), signal.SIGTERM))
+            del doomed
+            lost.append(ref)
+
+    monkeypatch.setattr(train.StopOnNonFiniteLoss, "on_train_batch_end", lose_a_sigterm)
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw["train"]["epochs"] = 2
+    params.write_text(yaml.safe_dump(raw))
+    model_path = tmp_path / "model.keras"
+    outputs = {"run-info": "run.json", "history": "h.csv", "metrics": "m.json", "checkpoint": "c"}
+    code = train.main(
+        ["--params", str(params), "--data", str(prepared_digits), "--model", str(model_path)]
+        + [arg for name, path in outputs.items() for arg in (f"--{name}", str(tmp_path / path))]
+    )
+
+    err = capsys.readouterr().err
+    assert [type(u.exc_value).__name__ for u in dropped] == ["Terminated"]  # indeed lost
+    assert code == 143
+    assert err.strip().splitlines()[-1] == "train: terminated"
     assert not model_path.exists()
     assert run_statuses(mlflow_store) == ["KILLED"]
 

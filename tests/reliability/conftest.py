@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,14 +20,6 @@ from tests.conftest import PROJECT_ROOT, TEST_EXPERIMENT
 QUIET = {"LOG_LEVEL": "ERROR", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 # What a stage leaves beside an output while writing it (stages/atomic.py and friends).
 TEMPORARY_MARKERS = (".tmp-", ".old-", ".work-", ".downloads", ".archive-")
-
-
-@pytest.fixture(autouse=True)
-def restore_sigterm() -> Iterator[None]:
-    """In-process ``main()`` calls install a SIGTERM handler; put the old one back."""
-    previous = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, previous)
 
 
 def stage_env(store: str | None = None, **extra: str) -> dict[str, str]:
