@@ -16,6 +16,10 @@ float32) on CPUs with bf16 matrix instructions, read from ``/proc/cpuinfo``. The
 model is always rebuilt in float32 with the trained weights, so export and serving see a
 plain float32 model. ``train.schedule`` and ``train.augment`` are a faster recipe for the
 same architecture; both are pure functions of (seed, epoch, step), so resume stays exact.
+
+Several machines: with ``TF_CONFIG`` set, every worker runs this stage and they train one
+model under ``tf.distribute.MultiWorkerMirroredStrategy``; only the chief tracks the run
+and writes the outputs (see ``stages/distributed.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from stages import tracking
+from stages import distributed, tracking
 from stages.atomic import atomic_path, write_json, write_text
 from stages.cli import MODEL, PREPARED, RUN_INFO, raise_if_signalled, run_stage, stage_parser
 from stages.config import Params, TrainParams, load_params
@@ -51,6 +55,9 @@ CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
 # Params that may differ between an interrupted run and the one that resumes it.
 RESUME_FREE_PARAMS = ("train.resume",)
+# Run tags of a multi-worker run: its machines, and the model copies trained in step.
+TAG_WORKERS = "train.workers"
+TAG_REPLICAS = "train.replicas"
 
 FLOAT32 = "float32"
 MIXED_BFLOAT16 = "mixed_bfloat16"
@@ -264,9 +271,9 @@ def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training run produced."""
+    """What a training run produced; a worker other than the chief has no run and no history."""
 
-    run_id: str
+    run_id: str | None
     history: pd.DataFrame
     model: keras.Model
 
@@ -284,6 +291,38 @@ def log_data(params: Params, data_dir: Path, splits: dict, data_report: Path | N
     tracking.log_artifact(data_dir / CLASSES_FILE, "data")
     if data_report is not None and data_report.is_file():
         tracking.log_artifact(data_report, "data")
+
+
+def _scope(strategy: Any) -> Any:
+    """``strategy.scope()``, or nothing when training alone."""
+    return nullcontext() if strategy is None else strategy.scope()
+
+
+def _train_epochs(
+    model: keras.Model,
+    cfg: TrainParams,
+    train: Any,
+    val: Any,
+    callbacks: Sequence[keras.callbacks.Callback],
+    first_epoch: int,
+) -> None:
+    """Fit epochs ``first_epoch`` to ``cfg.epochs``, each on its (seed, epoch) shuffle."""
+    for epoch in range(first_epoch, cfg.epochs):
+        order = epoch_order(cfg.seed, epoch, len(train.labels))
+        images = train.images[order]
+        if cfg.augment == "shift":
+            images = shift_images(images, np.random.default_rng([cfg.seed, epoch, 1]))
+        model.fit(
+            images,
+            train.labels[order],
+            validation_data=(val.images, val.labels),
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            callbacks=callbacks,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
 
 
 def run(
@@ -307,30 +346,58 @@ def run(
     checkpoint_dir = Path(checkpoint_dir or Path(model_path).parent / "checkpoint")
     cfg = params.train
     flat_params = params.flat()
+    cluster = distributed.cluster_from_env()
+    if cluster is not None and cfg.resume:
+        raise distributed.ClusterConfigError(
+            "train.resume: multi-worker training cannot resume; the checkpoint is the chief's "
+            "alone (set train.resume: false, or unset TF_CONFIG to resume on one machine)"
+        )
+    # MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
+    strategy = None if cluster is None else distributed.strategy(cluster)
     splits = read_splits(data_dir)
     train, val = splits["train"], splits["val"]
     keras.utils.set_random_seed(cfg.seed)
     checkpoint = read_checkpoint(checkpoint_dir, flat_params) if cfg.resume else None
     num_classes = len(train.class_names)
     if checkpoint is None:
-        with dtype_policy(resolve_precision(cfg.precision)):
+        with dtype_policy(resolve_precision(cfg.precision)), _scope(strategy):
             model = build_model(cfg.architecture, train.image_shape, num_classes)
-        steps_per_epoch = math.ceil(len(train.labels) / cfg.batch_size)
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch)),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
+            steps_per_epoch = math.ceil(len(train.labels) / cfg.batch_size)
+            model.compile(
+                optimizer=keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch)),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+            )
+        if strategy is not None:
+            distributed.adapt_to_multi_worker(model, strategy)
+            log.info(
+                "training as %s %d of %d workers, %d replicas in sync",
+                cluster.role,
+                cluster.index,
+                cluster.workers,
+                strategy.num_replicas_in_sync,
+            )
         first_epoch, rows = 0, []
     else:
         model, first_epoch, rows = checkpoint.model, checkpoint.epoch, checkpoint.history
         log.info("resuming MLflow run %s after epoch %d", checkpoint.run_id, first_epoch)
+    if cluster is not None and not cluster.is_chief:
+        _train_epochs(model, cfg, train, val, [StopOnSignal(), StopOnNonFiniteLoss()], 0)
+        log.info(
+            "trained %d epochs as worker %d; the chief writes the outputs",
+            cfg.epochs,
+            cluster.index,
+        )
+        return TrainResult(run_id=None, history=pd.DataFrame(columns=HISTORY_COLUMNS), model=model)
     resumed = None if checkpoint is None else checkpoint.run_id
     with tracking.training_run(flat_params, resume_run_id=resumed) as run_id:
         if checkpoint is None:
             log_data(params, data_dir, splits, data_report)
         else:  # an epoch checkpointed just before the interrupt may not have reached MLflow
             tracking.log_missing_epochs(rows)
+        if cluster is not None:
+            replicas = str(strategy.num_replicas_in_sync)
+            tracking.set_tags({TAG_WORKERS: str(cluster.workers), TAG_REPLICAS: replicas})
         stage_callbacks = [
             StopOnSignal(),
             StopOnNonFiniteLoss(),
@@ -339,22 +406,7 @@ def run(
             EpochCheckpoint(checkpoint_dir, run_id, flat_params, rows),
             *callbacks,
         ]
-        for epoch in range(first_epoch, cfg.epochs):
-            order = epoch_order(cfg.seed, epoch, len(train.labels))
-            images = train.images[order]
-            if cfg.augment == "shift":
-                images = shift_images(images, np.random.default_rng([cfg.seed, epoch, 1]))
-            model.fit(
-                images,
-                train.labels[order],
-                validation_data=(val.images, val.labels),
-                initial_epoch=epoch,
-                epochs=epoch + 1,
-                batch_size=cfg.batch_size,
-                shuffle=False,
-                callbacks=stage_callbacks,
-                verbose=1 if sys.stdout.isatty() else 2,
-            )
+        _train_epochs(model, cfg, train, val, stage_callbacks, first_epoch)
         history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
         last = history.iloc[-1]
         model = float32_model(model, cfg, train.image_shape, num_classes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,38 @@ from stages.config import Params, parse_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TEST_EXPERIMENT = "tests"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_command(data: Path, out: Path, params: Path) -> list[str]:
+    """``python -m stages.train`` on ``data``, with every output under ``out``."""
+    return [
+        sys.executable,
+        "-m",
+        "stages.train",
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--model",
+        str(out / "model.keras"),
+        "--history",
+        str(out / "history.csv"),
+        "--metrics",
+        str(out / "train.json"),
+        "--run-info",
+        str(out / "run.json"),
+        "--data-report",
+        str(out / "none.md"),
+        "--checkpoint",
+        str(out / "checkpoint"),
+    ]
 
 
 def project_params(**overrides: dict[str, Any]) -> Params:

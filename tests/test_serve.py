@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +18,11 @@ import pytest
 from stages.dataset import read_image_set
 from stages.model import load_model
 from stages.serving import png_frame
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 STARTUP_SECONDS = 180
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post(url: str, payload: object) -> tuple[int, dict]:

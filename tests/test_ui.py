@@ -1,7 +1,6 @@
 """The MLflow UI as a person browsing it would see it: a real `mlflow ui` on 127.0.0.1."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,11 @@ import pytest
 
 from stages import evaluate, export
 from stages.config import EvaluateParams, ExportParams
-from tests.conftest import TEST_EXPERIMENT, TRAIN_EPOCHS
+from tests.conftest import TEST_EXPERIMENT, TRAIN_EPOCHS, free_port
 
 pytestmark = pytest.mark.slow
 MODEL_NAME = "ui-test-cnn"
 STARTUP_SECONDS = 90
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

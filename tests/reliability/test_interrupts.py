@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from stages.model import load_model
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, train_command
 
 EPOCHS = 4
 TEST_EXPERIMENT = "tests"
@@ -28,30 +27,6 @@ def write_params(path: Path, **train: object) -> Path:
     params["train"].update({"epochs": EPOCHS, **train})
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
-
-
-def train_command(data: Path, out: Path, params: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "stages.train",
-        "--params",
-        str(params),
-        "--data",
-        str(data),
-        "--model",
-        str(out / "model.keras"),
-        "--history",
-        str(out / "history.csv"),
-        "--metrics",
-        str(out / "train.json"),
-        "--run-info",
-        str(out / "run.json"),
-        "--data-report",
-        str(out / "none.md"),
-        "--checkpoint",
-        str(out / "checkpoint"),
-    ]
 
 
 def stage_env(store: str) -> dict[str, str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from scripts import team_up
+from tests.conftest import free_port
 from tests.test_pipeline import copy_project, set_params
 
 BUCKET = "team-bucket"
@@ -46,12 +46,6 @@ USERS = {"alice": "alice-password-0123", "bob": "bob-password-4567"}
 ADMIN_PASSWORD = team_up.generated_password()
 EPOCHS = 1
 MODEL_NAME = "digits-cnn"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def base_env(**extra: str) -> dict[str, str]:
