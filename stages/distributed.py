@@ -18,8 +18,10 @@ stay pure Keras 3, and without ``TF_CONFIG`` nothing here runs.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,3 +133,26 @@ def adapt_to_multi_worker(model: Any, strategy: Any) -> None:
     model._maybe_symbolic_build = build
     model.train_step = cluster_logs(model.train_step)
     model.test_step = cluster_logs(model.test_step)
+
+
+class WorkerLost(StageError):
+    """Another worker of the cluster stopped (crashed, killed, unreachable) mid-training."""
+
+
+def reporting_lost_workers(train: Callable[[], object]) -> None:
+    """Call ``train``; TensorFlow's error for a worker that stopped answering becomes one line."""
+    import tensorflow as tf
+
+    try:
+        train()
+        return
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as error:
+        first_line = str(error.message).strip().splitlines()[0]
+        reason = first_line.split("Collective ops is aborted by: ")[-1][:300]
+    # The failed all-reduce leaves a thread pool in the frames of the error, whose __del__
+    # prints a traceback at interpreter exit; with the error gone, collect it now.
+    gc.collect()
+    raise WorkerLost(
+        f"multi-worker training stopped: another worker is gone ({reason}); "
+        "start every worker again"
+    )

@@ -32,6 +32,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -382,7 +383,10 @@ def run(
         model, first_epoch, rows = checkpoint.model, checkpoint.epoch, checkpoint.history
         log.info("resuming MLflow run %s after epoch %d", checkpoint.run_id, first_epoch)
     if cluster is not None and not cluster.is_chief:
-        _train_epochs(model, cfg, train, val, [StopOnSignal(), StopOnNonFiniteLoss()], 0)
+        guards = [StopOnSignal(), StopOnNonFiniteLoss()]
+        distributed.reporting_lost_workers(
+            partial(_train_epochs, model, cfg, train, val, guards, 0)
+        )
         log.info(
             "trained %d epochs as worker %d; the chief writes the outputs",
             cfg.epochs,
@@ -406,7 +410,11 @@ def run(
             EpochCheckpoint(checkpoint_dir, run_id, flat_params, rows),
             *callbacks,
         ]
-        _train_epochs(model, cfg, train, val, stage_callbacks, first_epoch)
+        epochs = partial(_train_epochs, model, cfg, train, val, stage_callbacks, first_epoch)
+        if cluster is None:
+            epochs()
+        else:
+            distributed.reporting_lost_workers(epochs)
         history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
         last = history.iloc[-1]
         model = float32_model(model, cfg, train.image_shape, num_classes)

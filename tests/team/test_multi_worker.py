@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -133,6 +134,42 @@ def test_only_the_chief_logs_to_mlflow_and_writes_outputs(two_workers_and_one):
     assert "MLflow run" not in logs[1]
     [single] = runs(root / "alone.db")
     assert "train.workers" not in single.data.tags
+
+
+def test_a_killed_worker_stops_the_chief_with_one_error_and_a_failed_run(prepared_digits, tmp_path):
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["train"]["epochs"] = 100  # far longer than the test waits
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    workers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    chief, worker = (
+        start_train(
+            prepared_digits,
+            tmp_path / f"worker{index}",
+            tmp_path / "params.yaml",
+            tmp_path / "cluster.db",
+            tf_config(workers, index),
+        )
+        for index in (0, 1)
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "worker0" / "checkpoint" / "state.json").exists():
+            assert chief.poll() is None, chief.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no epoch within 300 s"
+            time.sleep(0.1)
+        worker.kill()
+        _, stderr = chief.communicate(timeout=120)
+    finally:
+        chief.kill()
+        worker.kill()
+    assert chief.returncode == 1, stderr[-3000:]
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith("train: error: multi-worker training stopped: another worker is gone (")
+    )
+    assert [run.info.status for run in runs(tmp_path / "cluster.db")] == ["FAILED"]
+    assert not (tmp_path / "worker0" / "model.keras").exists()
 
 
 @pytest.mark.parametrize(
