@@ -5,6 +5,8 @@ digits in ``../shared/data/mnist`` in a temporary folder with its own MLflow sto
 reports test accuracy on MNIST's own 10,000 test digits with the time of each stage.
 
     python -m benchmarks.mnist --epochs 10 --batch-size 64
+    python -m benchmarks.mnist --architecture small_bn_cnn --epochs 15 --batch-size 128 \
+        -S train.schedule=warmup_cosine -S train.augment=shift -S train.learning_rate=0.003
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--architecture", default="reference_cnn")
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a params.yaml value, as dvc exp run -S does (repeatable)",
+    )
     args = parser.parse_args(argv)
 
     from stages import download, evaluate, preprocess, train
@@ -42,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     raw["train"].update(
         architecture=args.architecture, epochs=args.epochs, batch_size=args.batch_size
     )
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        raw[section][name] = overrides[key] = yaml.safe_load(value)
     params = parse_params(raw, "params.yaml (benchmark overrides)")
 
     seconds = {}
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "architecture": args.architecture,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        "overrides": overrides,
         "test_accuracy": round(metrics["accuracy"], 4),
         "test_loss": round(metrics["loss"], 4),
         "val_accuracy_by_epoch": [round(v, 4) for v in result.history["val_accuracy"]],

@@ -341,12 +341,29 @@ def resumed_run(run_id: str) -> Iterator[str]:
         yield run_id
 
 
-def log_epoch(metrics: Mapping[str, float], epoch: int) -> None:
-    """Log one epoch's metrics in a single batched call (step = epoch number)."""
+def log_epoch(metrics: Mapping[str, float], epoch: int, wait: bool = True) -> Any:
+    """Log one epoch's metrics in a single batched call (step = epoch number).
+
+    With ``wait=False`` the call returns at once and MLflow sends the metrics from its
+    background thread; pass what it returns to ``finish_logging`` to wait and see errors.
+    """
     import mlflow
 
+    values = {key: float(value) for key, value in metrics.items()}
     with _reporting_mlflow_errors():
-        mlflow.log_metrics({key: float(value) for key, value in metrics.items()}, step=epoch)
+        return mlflow.log_metrics(values, step=epoch, synchronous=wait)
+
+
+def finish_logging(operations: Any) -> None:
+    """Wait for an asynchronous ``log_epoch``; its failure is reported like any other.
+
+    Each future's own error is raised, not ``RunOperations.wait``'s summary of them all,
+    which would bury the store's message in a list.
+    """
+    with _reporting_mlflow_errors():
+        for future in getattr(operations, "_operation_futures", None) or []:
+            future.result()
+        operations.wait()  # the public contract, should the futures move
 
 
 def log_missing_epochs(rows: Sequence[Mapping[str, float]]) -> None:

@@ -161,10 +161,26 @@ def float32_model(
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Send each epoch's metrics to MLflow as one batched call."""
+    """Send each epoch's metrics to MLflow as one batched call, without waiting for it.
+
+    MLflow sends them from a background thread while the next epoch trains. At most one
+    epoch is in flight: each epoch's end waits for the previous one's (long done by then),
+    and ``finish`` for the last, so a store that fails still fails the run. An epoch lost
+    to a kill is logged again on resume (``tracking.log_missing_epochs``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: Any = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        tracking.log_epoch(logs or {}, epoch=epoch + 1)
+        self.finish()
+        self.in_flight = tracking.log_epoch(logs or {}, epoch=epoch + 1, wait=False)
+
+    def finish(self) -> None:
+        if self.in_flight is not None:
+            in_flight, self.in_flight = self.in_flight, None
+            tracking.finish_logging(in_flight)
 
 
 class LogLearningRate(keras.callbacks.Callback):
@@ -402,11 +418,12 @@ def run(
         if cluster is not None:
             replicas = str(strategy.num_replicas_in_sync)
             tracking.set_tags({TAG_WORKERS: str(cluster.workers), TAG_REPLICAS: replicas})
+        epoch_logger = MlflowEpochLogger()
         stage_callbacks = [
             StopOnSignal(),
             StopOnNonFiniteLoss(),
             LogLearningRate(),
-            MlflowEpochLogger(),
+            epoch_logger,
             EpochCheckpoint(checkpoint_dir, run_id, flat_params, rows),
             *callbacks,
         ]
@@ -415,6 +432,7 @@ def run(
             epochs()
         else:
             distributed.reporting_lost_workers(epochs)
+        epoch_logger.finish()
         history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
         last = history.iloc[-1]
         model = float32_model(model, cfg, train.image_shape, num_classes)

@@ -202,11 +202,11 @@ def locked_mid_run(prepared_digits, tmp_path_factory) -> Outcome:
     release = threading.Timer(1.0, lock.release)
     real_log_epoch = tracking.log_epoch
 
-    def log_epoch_under_lock(metrics, epoch):
+    def log_epoch_under_lock(metrics, epoch, **kwargs):
         if not lock.held and not release.is_alive():
             lock.acquire()
             release.start()
-        real_log_epoch(metrics, epoch)
+        return real_log_epoch(metrics, epoch, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch, short_store_patience(patch):
         patch.setattr(tracking, "log_epoch", log_epoch_under_lock)
@@ -244,11 +244,11 @@ def test_store_locked_shorter_than_the_patience_delays_train_but_loses_nothing(
     release = threading.Timer(1.0, lock.release)
     real_log_epoch = tracking.log_epoch
 
-    def log_epoch_under_lock(metrics, epoch):
+    def log_epoch_under_lock(metrics, epoch, **kwargs):
         if epoch == 1 and not lock.held and not release.is_alive():
             lock.acquire()
             release.start()
-        real_log_epoch(metrics, epoch)
+        return real_log_epoch(metrics, epoch, **kwargs)
 
     # MLflow's own patience (20 s) outlasts the 1 s lock.
     with pytest.MonkeyPatch.context() as patch:
