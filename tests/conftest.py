@@ -25,18 +25,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train_command(data: Path, out: Path, params: Path) -> list[str]:
-    """``python -m stages.train`` on ``data``, with every output under ``out``."""
+def train_args(data: Path, out: Path, params: Path, models: Path | None = None) -> list[str]:
+    """The train stage's arguments: every output under ``out``, the model in ``models``."""
+    models = out if models is None else models
     return [
-        sys.executable,
-        "-m",
-        "stages.train",
         "--params",
         str(params),
         "--data",
         str(data),
         "--model",
-        str(out / "model.keras"),
+        str(models / "model.keras"),
         "--history",
         str(out / "history.csv"),
         "--metrics",
@@ -46,8 +44,13 @@ def train_command(data: Path, out: Path, params: Path) -> list[str]:
         "--data-report",
         str(out / "none.md"),
         "--checkpoint",
-        str(out / "checkpoint"),
+        str(models / "checkpoint"),
     ]
+
+
+def train_command(data: Path, out: Path, params: Path) -> list[str]:
+    """``python -m stages.train`` on ``data``, with every output under ``out``."""
+    return [sys.executable, "-m", "stages.train", *train_args(data, out, params)]
 
 
 def project_params(**overrides: dict[str, Any]) -> Params:

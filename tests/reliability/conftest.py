@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import PROJECT_ROOT, TEST_EXPERIMENT
+from tests.conftest import train_args as shared_train_args
 
 # Keep stderr to what the stage itself says: no INFO logs, no TensorFlow start-up chatter.
 QUIET = {"LOG_LEVEL": "ERROR", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
@@ -102,24 +103,7 @@ def leftovers(folder: Path) -> list[str]:
 
 def train_args(data: Path, out: Path, params: Path) -> list[str]:
     """The train stage's command-line arguments, every output under ``out``."""
-    return [
-        "--params",
-        str(params),
-        "--data",
-        str(data),
-        "--model",
-        str(out / "models" / "model.keras"),
-        "--history",
-        str(out / "history.csv"),
-        "--metrics",
-        str(out / "train.json"),
-        "--run-info",
-        str(out / "run.json"),
-        "--data-report",
-        str(out / "none.md"),
-        "--checkpoint",
-        str(out / "models" / "checkpoint"),
-    ]
+    return shared_train_args(data, out, params, models=out / "models")
 
 
 # Root ignores file permissions through two capabilities; drop them to test read-only folders.
