@@ -4,7 +4,8 @@ Built once per session, with scripts/team_up.py's functions, the way a team woul
 
 - an S3 store (moto's server mode) with one bucket: the DVC remote under ``dvc/`` and the
   MLflow server's artifacts under ``mlartifacts/``;
-- an MLflow server with basic auth, a sqlite database and proxied artifacts; users
+- an MLflow server with basic auth, a PostgreSQL database (sqlite where PostgreSQL is not
+  installed) and proxied artifacts; users
   ``alice`` and ``bob`` (everyone may read by default), and the registered model, which
   the admin created and alice may add versions to;
 - a bare git repository as ``origin``; Alice's clone ran ``dvc repro`` logging to the
@@ -96,6 +97,7 @@ class S3Store:
 class TrackingServer:
     url: str
     workdir: Path
+    backend_store_uri: str
 
     def env(self, user: str, password: str | None = None) -> dict[str, str]:
         """What a client sets to log to this server as ``user``: no S3 credentials."""
@@ -163,16 +165,22 @@ def tracking_server(workdir: Path, backend_store_uri: str, s3: S3Store) -> Itera
         # until stages/tracking.py reads MLflow's 403 for a model that does not exist yet as
         # "no champion" (test_a_user_finds_no_champion_of_a_model_nobody_registered_yet).
         team_up.create_registered_model(url, ADMIN_PASSWORD, MODEL_NAME, editors=["alice"])
-        yield TrackingServer(url, workdir)
+        yield TrackingServer(url, workdir, backend_store_uri)
     finally:
         team_up.stop_process_group(process)
 
 
 @pytest.fixture(scope="session")
-def server(s3: S3Store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
-    """The team's MLflow server on a sqlite database."""
+def server(
+    request: pytest.FixtureRequest, s3: S3Store, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TrackingServer]:
+    """The team's MLflow server: on PostgreSQL where it can run here, else on sqlite."""
     workdir = tmp_path_factory.mktemp("mlflow-server")
-    with tracking_server(workdir, f"sqlite:///{workdir / 'server.db'}", s3) as running:
+    if postgres_missing() is None:
+        database = request.getfixturevalue("postgres")
+    else:
+        database = f"sqlite:///{workdir / 'server.db'}"
+    with tracking_server(workdir, database, s3) as running:
         yield running
 
 
@@ -251,21 +259,28 @@ def postgres_bin() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+def postgres_driver() -> str | None:
+    """The PostgreSQL driver installed for SQLAlchemy (uv.lock has psycopg 3)."""
+    return next((name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name)), None)
+
+
+def postgres_missing() -> str | None:
+    """Why no PostgreSQL server can be started here; None if one can."""
+    if postgres_driver() is None:
+        return "no PostgreSQL driver (psycopg or psycopg2) is installed: uv sync"
+    if postgres_bin() is None:
+        return "PostgreSQL is not installed (no initdb): apt-get install postgresql"
+    return None
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[str]:
     """A PostgreSQL cluster of its own on a free port; yields a database URI for MLflow."""
+    missing = postgres_missing()
+    if missing is not None:
+        pytest.skip(missing)
     # SQLAlchemy 2.1 reads postgresql:// as psycopg 3; name the driver that is installed.
-    driver = next(
-        (name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name)), None
-    )
-    if driver is None:
-        pytest.skip(
-            "no PostgreSQL driver (psycopg or psycopg2) is installed, and MLflow's server "
-            "needs one for a PostgreSQL store; neither is in uv.lock"
-        )
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb): apt-get install postgresql")
+    driver, bin_dir = postgres_driver(), postgres_bin()
     # PostgreSQL refuses to run as root; its own user must reach the folder, and pytest's
     # temporary folders are private to root.
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []

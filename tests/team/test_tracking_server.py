@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +27,8 @@ from tests.team.conftest import (
     TrackingServer,
     base_env,
     free_port,
-    new_project,
+    postgres_missing,
     run,
-    tracking_server,
 )
 
 pytestmark = pytest.mark.slow
@@ -58,28 +56,27 @@ class Tracked:
     reference: Path  # a project directory holding the same model.keras and test images
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def tracked(request, s3: S3Store, tmp_path_factory) -> Iterator[Tracked]:
-    """The pipeline on a server with a sqlite, then a PostgreSQL, database."""
-    if request.param == "sqlite":  # the session's shared server and repro; Bob pulled it
-        bob = request.getfixturevalue("bob")
-        # Bob's S3 credentials are for DVC; MLflow must not need them.
-        bob_for_mlflow = Clone(bob.path, {k: v for k, v in bob.env.items() if "AWS_" not in k})
-        server, alice = request.getfixturevalue("server"), request.getfixturevalue("alice")
-        yield Tracked(server, alice, bob_for_mlflow, bob.path)
-        return
-    uri = request.getfixturevalue("postgres")
-    root = tmp_path_factory.mktemp("postgresql")
-    with tracking_server(root / "server", uri, s3) as server:
-        project = new_project(root / "project", server, "alice")
-        project.run("git", "add", "-A")
-        project.run("git", "commit", "-qm", "project")
-        project.run("dvc", "repro")
-        project.run("git", "add", "-A")
-        project.run("git", "commit", "-qm", "one epoch")
-        (root / "elsewhere").mkdir()
-        elsewhere = Clone(root / "elsewhere", base_env(**server.env("bob")))
-        yield Tracked(server, project, elsewhere, project.path)
+@pytest.fixture(scope="module")
+def tracked(server: TrackingServer, alice: Clone, bob: Clone) -> Tracked:
+    """Alice's `dvc repro` on the team's server; Bob loads what it made elsewhere."""
+    # Bob's S3 credentials are for DVC; MLflow must not need them.
+    bob_for_mlflow = Clone(bob.path, {k: v for k, v in bob.env.items() if "AWS_" not in k})
+    return Tracked(server, alice, bob_for_mlflow, bob.path)
+
+
+def test_the_server_keeps_its_records_in_postgresql(tracked: Tracked):
+    missing = postgres_missing()
+    if missing is not None:
+        pytest.skip(f"the server runs on sqlite here: {missing}")
+    import psycopg
+
+    run_id = lineage(tracked.project, "train_run.json")["run_id"]
+    uri = tracked.server.backend_store_uri.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(uri) as database:
+        row = database.execute(
+            "SELECT status, user_id FROM runs WHERE run_uuid = %s", (run_id,)
+        ).fetchone()
+    assert row == ("FINISHED", "alice")
 
 
 def lineage(project: Clone, name: str) -> dict:
