@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             root / "prepared",
             root / "model.keras",
             root / "run.json",
+            root / "history.csv",
             root / "evaluate.json",
-            root / "confusion.csv",
+            root / "plots",
+            lock_path=root / "dvc.lock",  # none: no DVC here
         )
         seconds["evaluate"] = time.perf_counter() - started
         data = json.loads((root / "data.json").read_text())

@@ -1,0 +1,25 @@
+"""The benchmarks run by hand still run: each on tiny data, one epoch."""
+
+import json
+
+import benchmarks
+from benchmarks import mnist
+from tests.test_download import write_idx_files
+
+
+def test_mnist_benchmark_runs_the_stages_on_idx_files_and_reports(tmp_path, monkeypatch, capsys):
+    write_idx_files(tmp_path / "idx", train=200, test=20)
+    monkeypatch.setattr(benchmarks, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset by the benchmark, restored by the test")
+    arguments = ["--data", str(tmp_path / "idx"), "--epochs", "1", "--batch-size", "16"]
+    overrides = ["-S", "train.schedule=warmup_cosine", "-S", "train.learning_rate=0.002"]
+
+    assert mnist.main(arguments + overrides) == 0
+
+    summary = json.loads((tmp_path / "results" / "mnist.json").read_text())
+    assert summary["images"] == {"train": 180, "val": 20, "test": 20}
+    assert summary["overrides"] == {"train.schedule": "warmup_cosine", "train.learning_rate": 0.002}
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert len(summary["val_accuracy_by_epoch"]) == 1
+    assert set(summary["seconds"]) == {"download", "preprocess", "train", "evaluate"}
+    assert capsys.readouterr().out.endswith(json.dumps(summary, indent=2) + "\n")
