@@ -83,8 +83,11 @@ def cluster_from_env(environ: dict[str, str] | None = None) -> Cluster | None:
     return Cluster(workers=total, role=role, index=index, has_chief=sizes["chief"] > 0)
 
 
-def strategy(cluster: Cluster) -> Any:
-    """A MultiWorkerMirroredStrategy that joins ``cluster``; it waits for every worker."""
+def strategy() -> Any:
+    """A MultiWorkerMirroredStrategy that joins the cluster of ``TF_CONFIG``.
+
+    TensorFlow reads ``TF_CONFIG`` itself; the first collective waits for every worker.
+    """
     import tensorflow as tf
 
     return tf.distribute.MultiWorkerMirroredStrategy()

@@ -33,6 +33,9 @@ DEFAULT_EXPERIMENT = "image-classification"
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 MODEL_ARTIFACT = "model"
+# Tracking URIs of a server reached over the network: there epoch metrics are sent
+# asynchronously (see log_epoch).
+REMOTE_SCHEMES = ("http", "https", "databricks")
 
 # Tag names. MLflow's own tag makes the UI link the run to its commit.
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
@@ -344,18 +347,26 @@ def resumed_run(run_id: str) -> Iterator[str]:
 def log_epoch(metrics: Mapping[str, float], epoch: int, wait: bool = True) -> Any:
     """Log one epoch's metrics in a single batched call (step = epoch number).
 
-    With ``wait=False`` the call returns at once and MLflow sends the metrics from its
-    background thread; pass what it returns to ``finish_logging`` to wait and see errors.
+    With ``wait=False`` and a tracking server, the call returns at once and MLflow sends
+    the metrics from its background thread; pass what it returns to ``finish_logging`` to
+    wait and see errors. A local store (sqlite, files) is written at once, because that
+    takes a few milliseconds while MLflow's background queue adds up to a second to
+    ending the run; then this returns None.
     """
     import mlflow
 
     values = {key: float(value) for key, value in metrics.items()}
     with _reporting_mlflow_errors():
-        return mlflow.log_metrics(values, step=epoch, synchronous=wait)
+        return mlflow.log_metrics(values, step=epoch, synchronous=wait or not tracking_server())
+
+
+def tracking_server() -> bool:
+    """Whether the pipeline logs to a server over the network, not to a local store."""
+    return tracking_uri().partition(":")[0].lower() in REMOTE_SCHEMES
 
 
 def finish_logging(operations: Any) -> None:
-    """Wait for an asynchronous ``log_epoch``; its failure is reported like any other.
+    """Wait for an asynchronous ``log_epoch`` (not None); its failure is reported like any other.
 
     Each future's own error is raised, not ``RunOperations.wait``'s summary of them all,
     which would bury the store's message in a list.

@@ -161,12 +161,13 @@ def float32_model(
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Send each epoch's metrics to MLflow as one batched call, without waiting for it.
+    """Send each epoch's metrics to MLflow as one batched call, without waiting for a server.
 
-    MLflow sends them from a background thread while the next epoch trains. At most one
-    epoch is in flight: each epoch's end waits for the previous one's (long done by then),
-    and ``finish`` for the last, so a store that fails still fails the run. An epoch lost
-    to a kill is logged again on resume (``tracking.log_missing_epochs``).
+    With a tracking server, MLflow sends them from a background thread while the next
+    epoch trains. At most one epoch is in flight: each epoch's end waits for the previous
+    one's (long done by then), and ``finish`` for the last, so a server that fails still
+    fails the run. An epoch lost to a kill is logged again on resume
+    (``tracking.log_missing_epochs``). A local store is written at once.
     """
 
     def __init__(self) -> None:
@@ -370,7 +371,7 @@ def run(
             "alone (set train.resume: false, or unset TF_CONFIG to resume on one machine)"
         )
     # MultiWorkerMirroredStrategy must exist before TensorFlow runs anything.
-    strategy = None if cluster is None else distributed.strategy(cluster)
+    strategy = None if cluster is None else distributed.strategy()
     splits = read_splits(data_dir)
     train, val = splits["train"], splits["val"]
     keras.utils.set_random_seed(cfg.seed)

@@ -1,5 +1,7 @@
 import subprocess
 
+import pytest
+
 from stages import tracking
 
 
@@ -58,3 +60,28 @@ def test_outside_git_there_are_no_git_tags(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
     assert tracking.lineage_tags() == {}
+
+
+@pytest.mark.parametrize(
+    ("uri", "server"),
+    [
+        ("http://127.0.0.1:5000", True),
+        ("HTTPS://mlflow.example.com", True),
+        ("databricks", True),
+        ("sqlite:///mlflow.db", False),
+        ("file:///tmp/mlruns", False),
+        ("/tmp/mlruns", False),
+    ],
+)
+def test_epoch_metrics_go_asynchronously_only_to_a_server(uri, server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.tracking_server() is server
+
+
+def test_epoch_metrics_to_a_local_store_are_written_before_log_epoch_returns(mlflow_store):
+    import mlflow
+
+    with tracking.training_run({"train.epochs": 1}) as run_id:
+        assert tracking.log_epoch({"loss": 0.5}, epoch=1, wait=False) is None
+        history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 0.5)]
