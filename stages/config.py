@@ -69,7 +69,8 @@ class TrainParams(_Section):
     # to learning_rate over warmup_epochs, then cosine decay to zero at the last epoch.
     schedule: Literal["constant", "warmup_cosine"]
     warmup_epochs: float = Field(ge=0, le=10_000)
-    augment: Literal["none", "shift"]
+    augment: Literal["none", "shift", "affine"]
+    steps_per_execution: int = Field(ge=1, le=100_000)
     # auto: mixed_bfloat16 where the CPU has bf16 instructions (AMX or AVX512_BF16).
     precision: Literal["auto", "float32", "mixed_bfloat16"]
     seed: int = Field(ge=0)

@@ -72,6 +72,13 @@ WARMUP_START_FRACTION = 0.1
 # augment: shift moves each image by up to this fraction of its height and width
 # (2 pixels at 28x28), drawn per image and epoch; the border is filled with black.
 SHIFT_FRACTION = 2 / 28
+# augment: affine also rotates each image by up to this many degrees either way and scales
+# it by up to this fraction, about its centre, then shifts it (not by whole pixels) as
+# above; bilinear sampling, black border.
+AFFINE_MAX_DEGREES = 10.0
+AFFINE_MAX_SCALE = 0.1
+# Images transformed per block, so the sampling grids stay a few tens of MB.
+AFFINE_BLOCK = 2048
 
 
 def cpu_has_bf16(cpuinfo: str) -> bool:
@@ -144,6 +151,71 @@ def shift_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return shifted
 
 
+def affine_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image rotated, scaled and shifted at random about its centre; black border."""
+    count, height, width, _ = images.shape
+    return warp_images(
+        images,
+        degrees=rng.uniform(-AFFINE_MAX_DEGREES, AFFINE_MAX_DEGREES, count),
+        scales=rng.uniform(1 - AFFINE_MAX_SCALE, 1 + AFFINE_MAX_SCALE, count),
+        shifts=rng.uniform(-SHIFT_FRACTION, SHIFT_FRACTION, (count, 2)) * (height, width),
+    )
+
+
+def warp_images(
+    images: np.ndarray, degrees: np.ndarray, scales: np.ndarray, shifts: np.ndarray
+) -> np.ndarray:
+    """Rotate each image clockwise (as displayed) by its degrees, scale it about its centre,
+    then shift it by its (down, right) pixels; bilinear sampling, black border.
+
+    Output pixel p samples the input at ``centre + A^-1 (p - centre - shift)`` with
+    A = scale * rotation, vectorised over blocks of images.
+    """
+    count, height, width, _ = images.shape
+    angles = np.deg2rad(degrees)
+    cos = (np.cos(angles) / scales).astype(np.float32)[:, None, None]
+    sin = (np.sin(angles) / scales).astype(np.float32)[:, None, None]
+    shifts = np.asarray(shifts, np.float32)[..., None, None]
+    centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
+    rows, cols = np.meshgrid(
+        np.arange(height, dtype=np.float32) - centre_y,
+        np.arange(width, dtype=np.float32) - centre_x,
+        indexing="ij",
+    )
+    # A one-pixel black frame: every sample point is clipped into it, so no bounds checks.
+    framed = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.empty_like(images)
+    for start in range(0, count, AFFINE_BLOCK):
+        block = slice(start, start + AFFINE_BLOCK)
+        dy, dx = rows - shifts[block, 0], cols - shifts[block, 1]
+        # The inverse rotation divided by the scale, in the framed image's coordinates.
+        source_y = cos[block] * dy - sin[block] * dx + (centre_y + 1)
+        source_x = sin[block] * dy + cos[block] * dx + (centre_x + 1)
+        out[block] = _bilinear(framed[block], source_y, source_x)
+    return out
+
+
+def _bilinear(framed: np.ndarray, source_y: np.ndarray, source_x: np.ndarray) -> np.ndarray:
+    """Sample each framed image (black outer pixels) at its points, bilinearly, as uint8."""
+    count, height, width, channels = framed.shape
+    source_y = np.clip(source_y, 0, height - 1)
+    source_x = np.clip(source_x, 0, width - 1)
+    top = np.minimum(source_y.astype(np.int32), height - 2)
+    left = np.minimum(source_x.astype(np.int32), width - 2)
+    weight_y, weight_x = (source_y - top)[..., None], (source_x - left)[..., None]
+    corner = (np.arange(count, dtype=np.int32) * (height * width))[:, None, None] + (
+        top * width + left
+    )
+    flat = framed.reshape(-1, channels).astype(np.float32)
+    upper = flat[corner] * (1 - weight_x) + flat[corner + 1] * weight_x
+    lower = flat[corner + width] * (1 - weight_x) + flat[corner + width + 1] * weight_x
+    total = upper * (1 - weight_y) + lower * weight_y
+    return np.clip(np.rint(total), 0, 255).astype(framed.dtype)
+
+
+AUGMENTATIONS = {"shift": shift_images, "affine": affine_images}
+
+
 def float32_model(
     model: keras.Model, cfg: TrainParams, input_shape: tuple[int, int, int], num_classes: int
 ) -> keras.Model:
@@ -195,7 +267,11 @@ class LogLearningRate(keras.callbacks.Callback):
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Raise at the first NaN or infinite batch loss, so no diverged model is saved."""
+    """Raise at the first NaN or infinite loss, so no diverged model is saved.
+
+    Keras calls batch hooks once per ``train.steps_per_execution`` batches; the loss is a
+    running mean over the epoch, so a NaN in any batch still shows then.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -208,13 +284,15 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             raise TrainingDiverged(
-                f"training loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}; "
+                f"training loss became {float(loss)} at epoch {self.epoch + 1}, "
+                f"by batch {batch + 1}; "
                 "try a lower train.learning_rate in params.yaml"
             )
 
 
 class StopOnSignal(keras.callbacks.Callback):
-    """Stop at the next batch if a SIGTERM or Ctrl-C arrived but its exception was lost."""
+    """Stop within ``train.steps_per_execution`` batches if a SIGTERM or Ctrl-C arrived but
+    its exception was lost."""
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         raise_if_signalled()
@@ -328,8 +406,9 @@ def _train_epochs(
     for epoch in range(first_epoch, cfg.epochs):
         order = epoch_order(cfg.seed, epoch, len(train.labels))
         images = train.images[order]
-        if cfg.augment == "shift":
-            images = shift_images(images, np.random.default_rng([cfg.seed, epoch, 1]))
+        if cfg.augment != "none":
+            augment = AUGMENTATIONS[cfg.augment]
+            images = augment(images, np.random.default_rng([cfg.seed, epoch, 1]))
         model.fit(
             images,
             train.labels[order],
@@ -385,6 +464,7 @@ def run(
                 optimizer=keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch)),
                 loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"],
+                steps_per_execution=cfg.steps_per_execution,
             )
         if strategy is not None:
             distributed.adapt_to_multi_worker(model, strategy)

@@ -105,7 +105,9 @@ def test_diverging_training_fails_the_run_and_saves_no_model(
         train, "build_model", lambda _name, shape, classes: nan_model(shape, classes)
     )
     model_path = tmp_path / "model.keras"
-    with pytest.raises(TrainingDiverged, match=r"training loss became nan at epoch 1, batch 1"):
+    with pytest.raises(
+        TrainingDiverged, match=r"training loss became nan at epoch 1, by batch \d+;"
+    ):
         train_two_epochs(prepared_digits, tmp_path)
     assert not model_path.exists()
     assert not (tmp_path / "run.json").exists()
@@ -211,6 +213,21 @@ def train_one_epoch(data_dir, out_dir, **overrides):
     )
 
 
+def test_steps_per_execution_changes_the_speed_not_the_result(
+    prepared_digits, tmp_path, mlflow_store
+):
+    results = {
+        steps: train_one_epoch(
+            prepared_digits, tmp_path / str(steps), steps_per_execution=steps, precision="float32"
+        )
+        for steps in (1, 7)  # 7 does not divide the epoch's batches: a short last call
+    }
+    assert [results[steps].model.steps_per_execution for steps in (1, 7)] == [1, 7]
+    pd.testing.assert_frame_equal(results[1].history, results[7].history)
+    for one, seven in zip(results[1].model.weights, results[7].model.weights, strict=True):
+        np.testing.assert_array_equal(one.numpy(), seven.numpy())
+
+
 def test_model_trained_in_bfloat16_is_saved_as_a_float32_model(
     prepared_digits, tmp_path, mlflow_store
 ):
@@ -271,10 +288,47 @@ def test_shift_moves_each_image_by_up_to_two_pixels_the_same_for_the_same_seed()
     np.testing.assert_array_equal(shifted, again)
 
 
-def test_shift_augmentation_trains_and_leaves_the_saved_model_without_it(
-    prepared_digits, tmp_path, mlflow_store
+def test_warp_rotates_clockwise_shifts_and_scales_about_the_centre():
+    grid = np.arange(7 * 7 * 3, dtype=np.uint8).reshape(1, 7, 7, 3)
+    no_shift = np.zeros((1, 2))
+
+    def warp(degrees, scale, shift=no_shift):
+        return train.warp_images(grid, np.array([degrees]), np.array([scale]), shift)[0]
+
+    np.testing.assert_array_equal(warp(0, 1), grid[0])
+    np.testing.assert_array_equal(warp(90, 1), np.rot90(grid[0], k=-1))  # every channel
+    moved = warp(0, 1, np.array([[1, -2]]))  # one row down, two columns left
+    np.testing.assert_array_equal(moved[1:, :-2], grid[0, :-1, 2:])
+    assert not moved[0].any() and not moved[:, -2:].any()  # the border is black
+    dot = np.zeros((1, 9, 9, 1), np.uint8)
+    dot[0, 4, 6] = 200  # two pixels right of the centre
+    doubled = train.warp_images(dot, np.array([0.0]), np.array([2.0]), no_shift)[0, ..., 0]
+    assert doubled[4, 8] == 200 and doubled[4, 7] == 100  # 2 -> 4 pixels, bilinear between
+
+
+def test_affine_augmentation_moves_each_image_within_bounds_the_same_for_the_same_seed():
+    images = np.zeros((300, 28, 28, 1), np.uint8)
+    images[:, 12:16, 12:16] = 255  # a square on the centre, which rotation and scale keep
+    augmented = train.affine_images(images, np.random.default_rng(0))
+    weights = augmented[..., 0].astype(float)
+    rows, cols = np.mgrid[:28, :28]
+    centroids = np.stack(
+        [(weights * axis).sum((1, 2)) / weights.sum((1, 2)) for axis in (rows, cols)], axis=1
+    )
+    offsets = centroids - 13.5
+    assert np.abs(offsets).max() <= 2.05  # shifts of up to 2 pixels
+    assert np.abs(offsets).max() > 1.5 and len(np.unique(augmented, axis=0)) == 300
+    sizes = (augmented > 127).sum((1, 2, 3))
+    assert sizes.min() < 16 < sizes.max()  # scaled down and up from 4 x 4
+    again = train.affine_images(images, np.random.default_rng(0))
+    np.testing.assert_array_equal(augmented, again)
+
+
+@pytest.mark.parametrize("augment", ["shift", "affine"])
+def test_augmentation_trains_and_leaves_the_saved_model_without_it(
+    augment, prepared_digits, tmp_path, mlflow_store
 ):
-    result = train_one_epoch(prepared_digits, tmp_path, augment="shift", precision="float32")
+    result = train_one_epoch(prepared_digits, tmp_path, augment=augment, precision="float32")
     layer_types = {
         type(layer).__name__ for layer in load_model(str(tmp_path / "model.keras")).layers
     }
