@@ -394,6 +394,22 @@ def _scope(strategy: Any) -> Any:
     return nullcontext() if strategy is None else strategy.scope()
 
 
+def _steps_per_execution(cfg: TrainParams, strategy: Any) -> int:
+    """``train.steps_per_execution``, or 1 under a multi-worker strategy.
+
+    Keras 3's multi-step loop breaks in a replica context (keras-team/keras#19246:
+    "You must feed a value for placeholder tensor"), so a cluster runs one step per call.
+    """
+    if strategy is None or cfg.steps_per_execution == 1:
+        return cfg.steps_per_execution
+    log.info(
+        "train.steps_per_execution %d -> 1: multi-worker training runs one step per call "
+        "(keras-team/keras#19246)",
+        cfg.steps_per_execution,
+    )
+    return 1
+
+
 def _train_epochs(
     model: keras.Model,
     cfg: TrainParams,
@@ -464,7 +480,7 @@ def run(
                 optimizer=keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch)),
                 loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"],
-                steps_per_execution=cfg.steps_per_execution,
+                steps_per_execution=_steps_per_execution(cfg, strategy),
             )
         if strategy is not None:
             distributed.adapt_to_multi_worker(model, strategy)
