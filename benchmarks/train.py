@@ -11,6 +11,8 @@ TensorFlow, interleaved round by round:
 - ``stage_untracked``: the same with every ``stages.tracking`` call replaced by a no-op;
 - ``stage_float32``: ``stage`` with ``train.precision: float32`` (the pipeline's own cost,
   without the bfloat16 speedup);
+- ``stage_one_step``: ``stage`` with ``train.steps_per_execution: 1`` (without the
+  multi-step speedup);
 - ``recipe``: ``stage`` with the faster recipe (``--recipe-*``), for time to 99 % accuracy.
 
 Training seconds exclude process start and reading the IDX files, and the test-set
@@ -42,7 +44,12 @@ import numpy as np
 from benchmarks import report
 
 SHARED_MNIST = Path("../shared/data/mnist")
-VARIANTS = ("plain", "stage", "stage_untracked", "stage_float32", "recipe")
+VARIANTS = ("plain", "stage", "stage_untracked", "stage_float32", "stage_one_step", "recipe")
+# The stage with one of its speedups turned off.
+STAGE_WITHOUT = {
+    "stage_float32": {"precision": "float32"},
+    "stage_one_step": {"steps_per_execution": 1},
+}
 TARGET_ACCURACY = 0.99
 VAL_IMAGES = 6_000  # the last training images, as in benchmarks.mnist (val_fraction 0.1)
 PREDICT_BATCH = 1_000
@@ -201,6 +208,7 @@ def pipeline_stage(data: dict, variant: str, train_overrides: dict, work: Path) 
         "tracking_seconds_by_call": {name: round(value, 3) for name, value in spent.items()},
         "epochs": clock.epochs,
         "precision": train.resolve_precision(params.train.precision),
+        "steps_per_execution": params.train.steps_per_execution,
     }
 
 
@@ -273,8 +281,8 @@ def worker(args: argparse.Namespace) -> int:
                 "precision": "auto",
             }
             result = {**pipeline_stage(data, "recipe", overrides, Path(work)), "recipe": overrides}
-        elif args.worker == "stage_float32":
-            overrides = {**stage_overrides, "precision": "float32"}
+        elif args.worker in STAGE_WITHOUT:
+            overrides = {**stage_overrides, **STAGE_WITHOUT[args.worker]}
             result = pipeline_stage(data, args.worker, overrides, Path(work))
         else:
             result = pipeline_stage(data, args.worker, stage_overrides, Path(work))
@@ -338,7 +346,11 @@ def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             ),
             "test_accuracy_by_epoch": [round(e["test_accuracy"], 4) for e in results[0]["epochs"]],
             "seconds_to_99": None if None in reached else round(statistics.median(reached), 1),
-            **{k: v for k, v in results[0].items() if k in ("precision", "recipe")},
+            **{
+                k: v
+                for k, v in results[0].items()
+                if k in ("precision", "steps_per_execution", "recipe")
+            },
         }
     plain = medians.get("plain")
     for variant, values in medians.items():
