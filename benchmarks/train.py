@@ -320,8 +320,14 @@ def time_to_target(epochs: list[dict]) -> float | None:
     return next((e["seconds"] for e in epochs if e["test_accuracy"] >= TARGET_ACCURACY), None)
 
 
+def images_per_second(result: dict) -> float:
+    """Training images per second of one variant's run."""
+    return result["train_images"] * len(result["epochs"]) / result["seconds"]
+
+
 def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
-    """Medians over rounds, each variant as a ratio against the plain script."""
+    """Medians over rounds; each variant's throughput as the median of its per-round
+    ratios against the plain script's run of the same round."""
     summary: dict = {
         "data": str(args.data),
         "epochs": args.epochs,
@@ -334,13 +340,13 @@ def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     for variant, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         epochs = len(results[0]["epochs"])
-        images_per_second = results[0]["train_images"] * epochs / seconds
+        throughput = results[0]["train_images"] * epochs / seconds
         reached = [time_to_target(r["epochs"]) for r in results]
-        medians[variant] = {"seconds": seconds, "images_per_second": images_per_second}
+        medians[variant] = {"seconds": seconds, "images_per_second": throughput}
         summary["variants"][variant] = {
             "training_seconds": round(seconds, 1),
             "epochs": epochs,
-            "images_per_second": round(images_per_second),
+            "images_per_second": round(throughput),
             "test_accuracy": round(
                 statistics.median(r["epochs"][-1]["test_accuracy"] for r in results), 4
             ),
@@ -353,12 +359,17 @@ def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
             },
         }
     plain = medians.get("plain")
-    for variant, values in medians.items():
+    for variant in medians:
         row = summary["variants"][variant]
         if plain is not None:
-            row["throughput_vs_plain"] = round(
-                values["images_per_second"] / plain["images_per_second"], 2
-            )
+            # Each round's ratio pairs two runs a minute apart, so the machine's drift over
+            # the invocation cancels; their median is the figure, their range its spread.
+            by_round = [
+                images_per_second(run) / images_per_second(plain_run)
+                for plain_run, run in zip(runs["plain"], runs[variant], strict=True)
+            ]
+            row["throughput_vs_plain"] = round(statistics.median(by_round), 2)
+            row["throughput_vs_plain_by_round"] = [round(ratio, 2) for ratio in by_round]
             if row["seconds_to_99"] is not None and summary["variants"]["plain"]["seconds_to_99"]:
                 row["time_to_99_vs_plain"] = round(
                     row["seconds_to_99"] / summary["variants"]["plain"]["seconds_to_99"], 2
@@ -378,6 +389,14 @@ def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
     return summary
 
 
+def _ratio_with_range(row: dict) -> str:
+    """The median per-round throughput ratio, with the rounds' range when there are several."""
+    by_round = row.get("throughput_vs_plain_by_round", [])
+    if len(by_round) < 2:
+        return str(row.get("throughput_vs_plain", ""))
+    return f"{row['throughput_vs_plain']} ({min(by_round)}-{max(by_round)})"
+
+
 def markdown(summary: dict) -> str:
     """The summary as a Markdown table."""
     lines = [
@@ -390,7 +409,7 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"| {variant} | {row.get('precision', 'float32')} | {row['epochs']} "
             f"| {batch_size} | {row['training_seconds']} "
-            f"| {row['images_per_second']} | {row.get('throughput_vs_plain', '')} "
+            f"| {row['images_per_second']} | {_ratio_with_range(row)} "
             f"| {row['test_accuracy']} | {row['seconds_to_99'] or 'not reached'} "
             f"| {row.get('time_to_99_vs_plain', '')} |"
         )

@@ -1,9 +1,11 @@
 """The benchmarks run by hand still run: each on tiny data, one epoch."""
 
+import argparse
 import json
 
 import benchmarks
 from benchmarks import mnist
+from benchmarks import train as train_benchmark
 from tests.test_download import write_idx_files
 
 
@@ -23,3 +25,22 @@ def test_mnist_benchmark_runs_the_stages_on_idx_files_and_reports(tmp_path, monk
     assert len(summary["val_accuracy_by_epoch"]) == 1
     assert set(summary["seconds"]) == {"download", "preprocess", "train", "evaluate"}
     assert capsys.readouterr().out.endswith(json.dumps(summary, indent=2) + "\n")
+
+
+def test_train_benchmark_ratio_pairs_each_round_so_drift_between_rounds_cancels():
+    def result(seconds: float) -> dict:
+        epochs = [{"epoch": 1, "seconds": seconds, "test_accuracy": 0.9}]
+        return {"seconds": seconds, "epochs": epochs, "train_images": 1000}
+
+    # The machine slowed down for round 2's stage and round 3's plain run; in every round
+    # but the second the stage took half the plain script's time.
+    runs = {
+        "plain": [result(10), result(11), result(40)],
+        "stage_float32": [result(5), result(30), result(20)],
+    }
+    args = argparse.Namespace(data="idx", epochs=1, batch_size=64, rounds=3)
+
+    stage = train_benchmark.summarise(runs, args)["variants"]["stage_float32"]
+
+    assert stage["throughput_vs_plain_by_round"] == [2.0, 0.37, 2.0]
+    assert stage["throughput_vs_plain"] == 2.0  # the ratio of the medians would say 0.55
