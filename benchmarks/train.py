@@ -392,7 +392,7 @@ def summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> dict:
 def _ratio_with_range(row: dict) -> str:
     """The median per-round throughput ratio, with the rounds' range when there are several."""
     by_round = row.get("throughput_vs_plain_by_round", [])
-    if len(by_round) < 2:
+    if len(by_round) < 2 or min(by_round) == max(by_round):
         return str(row.get("throughput_vs_plain", ""))
     return f"{row['throughput_vs_plain']} ({min(by_round)}-{max(by_round)})"
 
