@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {stage: round(value, 1) for stage, value in seconds.items()},
         "seconds_per_epoch": round(seconds["train"] / args.epochs, 1),
     }
-    report("mnist", summary)
+    report(f"mnist-{args.architecture}", summary)  # one file per architecture
     return 0
 
 

@@ -18,7 +18,7 @@ def test_mnist_benchmark_runs_the_stages_on_idx_files_and_reports(tmp_path, monk
 
     assert mnist.main(arguments + overrides) == 0
 
-    summary = json.loads((tmp_path / "results" / "mnist.json").read_text())
+    summary = json.loads((tmp_path / "results" / "mnist-reference_cnn.json").read_text())
     assert summary["images"] == {"train": 180, "val": 20, "test": 20}
     assert summary["overrides"] == {"train.schedule": "warmup_cosine", "train.learning_rate": 0.002}
     assert 0.0 <= summary["test_accuracy"] <= 1.0
