@@ -70,6 +70,7 @@ class TrainParams(_Section):
     schedule: Literal["constant", "warmup_cosine"]
     warmup_epochs: float = Field(ge=0, le=10_000)
     augment: Literal["none", "shift", "affine"]
+    # Batches per compiled call (Keras's steps_per_execution): speed only, same weights.
     steps_per_execution: int = Field(ge=1, le=100_000)
     # auto: mixed_bfloat16 where the CPU has bf16 instructions (AMX or AVX512_BF16).
     precision: Literal["auto", "float32", "mixed_bfloat16"]
