@@ -64,6 +64,7 @@ bench: install ## run the benchmarks (after make run; MNIST from ../shared/data/
 	python -m benchmarks.train --epochs 3 --batch-size 64 --rounds 3
 	python -m benchmarks.serving
 	python -m benchmarks.overhead
+	python -m benchmarks.summary
 
 team-up: install ## try team mode here: S3 store + MLflow server with auth on 127.0.0.1 (Ctrl-C stops)
 	python scripts/team_up.py

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(args.data),
         "images": data["images"],
         "architecture": args.architecture,
+        "parameters": result.model.count_params(),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "overrides": overrides,
