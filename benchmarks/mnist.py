@@ -5,7 +5,7 @@ digits in ``../shared/data/mnist`` in a temporary folder with its own MLflow sto
 reports test accuracy on MNIST's own 10,000 test digits with the time of each stage.
 
     python -m benchmarks.mnist --epochs 10 --batch-size 64
-    python -m benchmarks.mnist --architecture small_bn_cnn --epochs 20 --batch-size 128 \
+    python -m benchmarks.mnist --architecture small_bn_cnn --epochs 30 --batch-size 128 \
         -S train.schedule=warmup_cosine -S train.augment=affine -S train.learning_rate=0.003
 """
 
