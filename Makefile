@@ -21,7 +21,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help install run test ui serve exp compare lint format bench clean team-up
+.PHONY: help install run test test-fast ui serve exp compare lint format bench clean team-up
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,8 +35,11 @@ install: ## create .venv from uv.lock (installs uv first if missing)
 run: install ## run the pipeline on the offline default data (dvc repro)
 	dvc repro
 
-test: install ## run the whole test suite
-	python -m pytest
+test: install ## run the whole test suite (in parallel: one worker per core)
+	python -m pytest -n auto
+
+test-fast: install ## the fast tier: no pipeline subprocesses, no servers (about a minute)
+	python -m pytest -n auto -m "not slow"
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT to change)
 	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(MLFLOW_PORT)
@@ -49,7 +52,7 @@ exp: install ## dvc exp show: every param and metric, without the dependency-has
 	dvc exp show --drop '^(stages|data|models|lineage|plots|reports)/|^Created$$'
 
 compare: install ## HTML comparison of the champion's run and the latest other: reports/compare.html
-	python -m stages.compare
+	python -m tools.compare
 
 lint: install ## ruff check and format check
 	ruff check . && ruff format --check .
@@ -67,7 +70,7 @@ bench: install ## run the benchmarks (after make run; MNIST from ../shared/data/
 	python -m benchmarks.summary
 
 team-up: install ## try team mode here: S3 store + MLflow server with auth on 127.0.0.1 (Ctrl-C stops)
-	python scripts/team_up.py
+	python -m tools.team_up
 
 clean: ## remove pipeline outputs and the local MLflow store (keeps .venv)
 	rm -rf data models mlflow.db mlartifacts .dvc/tmp .dvc/cache

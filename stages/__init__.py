@@ -1,10 +1,8 @@
-"""The pipeline's stages, one module each, run by DVC as ``python -m stages.<name>``.
+"""The pipeline's five stages, one module each, run by DVC as ``python -m stages.<name>``.
 
-download -> preprocess -> train -> evaluate -> export; see dvc.yaml for the graph.
+download -> preprocess -> train -> evaluate -> export; see dvc.yaml for the graph. Each
+module is thin: it parses paths, loads params and calls the ``classifier`` library.
 """
 
-import os
-
-# Keep TensorFlow's C++ start-up chatter (INFO and WARNING) out of the pipeline's output.
-# It must be set before TensorFlow is first imported, which any stage module may do.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The library sets TensorFlow's log level; it must run before a module here imports Keras.
+import classifier  # noqa: F401

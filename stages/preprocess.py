@@ -1,210 +1,40 @@
 """Stage ``preprocess``: decode, resize and split the raw images; report on the data.
 
-Output folder: ``train/``, ``val/`` and ``test/`` image sets (see stages/dataset.py) at the
-configured size and channels, ``classes.json`` (the labels file that training, export and
-serving use) and ``counts.json``. Beside it: a data report as DVC metrics and Markdown.
-
-Splits are stratified by class and a pure function of ``preprocess.seed``. A source with
-its own test set (MNIST-like IDX files) keeps it; validation is then carved from training
-and ``test_fraction`` is not used.
+Splits are stratified by class and a pure function of ``preprocess.seed``; what the
+prepared folder holds: classifier/data/prepare.py. Beside it, the data report as DVC
+metrics and Markdown (classifier/data/report.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from stages.atomic import atomic_path, write_json, write_text
-from stages.cli import PREPARED, run_stage, stage_parser
-from stages.config import PreprocessParams, load_params
-from stages.dataset import CLASSES_FILE, SPLITS, ImageSet, read_image_set, write_image_set
-from stages.download import FILES_DIR, SOURCE_FILE
-from stages.errors import DataError
-from stages.images import UnreadableImage, load_image, resize_images
-from stages.report import build_report
+from classifier.atomic import write_json, write_text
+from classifier.cli import PREPARED, run_stage, stage_parser
+from classifier.config import PreprocessParams, load_params
+from classifier.data.dataset import SPLITS, ImageSet
+from classifier.data.prepare import ingest, make_splits, read_source, write_prepared
+from classifier.data.report import build_report
 
 log = logging.getLogger(__name__)
 
-COUNTS_FILE = "counts.json"
-
-
-@dataclass
-class Ingested:
-    """Decoded raw images, before splitting, and what was learnt on the way."""
-
-    pool: ImageSet | None = None  # to be split three ways
-    train: ImageSet | None = None  # or the source's own train / test split
-    test: ImageSet | None = None
-    origins: dict[str, list[str]] = field(default_factory=dict)  # where each image came from
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    source_images: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def _resized(image_set: ImageSet, cfg: PreprocessParams) -> ImageSet:
-    images = resize_images(
-        image_set.images, cfg.image_height, cfg.image_width, cfg.channels, cfg.resize
-    )
-    return ImageSet(images, image_set.labels, image_set.class_names)
-
-
-def ingest_files(files_dir: Path, cfg: PreprocessParams, work_dir: Path) -> Ingested:
-    """Decode class folders of image files one at a time into a memory-mapped array."""
-    from tqdm import tqdm
-
-    class_dirs = sorted(p for p in files_dir.iterdir() if p.is_dir())
-    entries = [
-        (path, label)
-        for label, folder in enumerate(class_dirs)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file())
-    ]
-    shape = (len(entries), cfg.image_height, cfg.image_width, cfg.channels)
-    images = np.lib.format.open_memmap(work_dir / "images.npy", "w+", np.uint8, shape)
-    labels = np.empty(len(entries), np.int64)
-    origins, sources, skipped = [], [], []
-    for path, label in tqdm(
-        entries, desc="decoding images", unit="image", disable=not sys.stderr.isatty()
-    ):
-        origin = path.relative_to(files_dir).as_posix()
-        try:
-            pixels, source = load_image(
-                path, cfg.image_height, cfg.image_width, cfg.channels, cfg.resize
-            )
-        except UnreadableImage as error:
-            skipped.append({"file": origin, "reason": str(error)})
-            continue
-        images[len(origins)] = pixels
-        labels[len(origins)] = label
-        origins.append(origin)
-        sources.append(source)
-
-    if entries and len(skipped) / len(entries) > cfg.max_skipped_fraction:
-        examples = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:3])
-        raise DataError(
-            f"{files_dir}: {len(skipped)} of {len(entries)} files are unusable "
-            f"({len(skipped) / len(entries):.1%}), above preprocess.max_skipped_fraction="
-            f"{cfg.max_skipped_fraction}; for example {examples}"
-        )
-    class_names = tuple(folder.name for folder in class_dirs)
-    kept = len(origins)
-    empty = sorted(set(class_names) - {class_names[i] for i in np.unique(labels[:kept])})
-    if empty:
-        raise DataError(f"{files_dir}: no readable images in class folder(s) {empty}")
-    for skip in skipped:
-        log.warning("skipped %s: %s", skip["file"], skip["reason"])
-    return Ingested(
-        pool=ImageSet(images[:kept], labels[:kept], class_names),
-        origins={"pool": origins},
-        skipped=skipped,
-        source_images=pd.DataFrame(sources),
-    )
-
-
-def ingest(raw_dir: Path, cfg: PreprocessParams, work_dir: Path) -> Ingested:
-    """Read whichever layout the download stage wrote (see stages/download.py)."""
-    try:
-        layout = json.loads((raw_dir / SOURCE_FILE).read_text())["layout"]
-    except (OSError, ValueError, KeyError):
-        raise DataError(
-            f"{raw_dir / SOURCE_FILE}: missing or unreadable; run download first"
-        ) from None
-    if layout == "files":
-        return ingest_files(raw_dir / FILES_DIR, cfg, work_dir)
-    if layout == "pool":
-        pool = _resized(read_image_set(raw_dir / "pool"), cfg)
-        return Ingested(pool=pool, origins={"pool": [f"#{i}" for i in range(len(pool.labels))]})
-    if layout == "split":
-        train = _resized(read_image_set(raw_dir / "train"), cfg)
-        test = _resized(read_image_set(raw_dir / "test"), cfg)
-        return Ingested(
-            train=train,
-            test=test,
-            origins={
-                "train": [f"train#{i}" for i in range(len(train.labels))],
-                "test": [f"test#{i}" for i in range(len(test.labels))],
-            },
-        )
-    raise DataError(f"{raw_dir / SOURCE_FILE}: unknown layout {layout!r}")
-
-
-def _stratified(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    return train_test_split(
-        indices, test_size=fraction, stratify=labels[indices], random_state=seed
-    )
-
-
-def split_indices(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, np.ndarray]:
-    """Stratified, disjoint index sets for train / val / test, reproducible from ``seed``."""
-    try:
-        rest, test = _stratified(np.arange(len(labels)), labels, test_fraction, seed)
-        train, val = _stratified(rest, labels, val_fraction / (1 - test_fraction), seed)
-    except ValueError as error:
-        raise DataError(
-            f"cannot split {len(labels)} images in {len(np.unique(labels))} classes into "
-            f"train/val/test with val_fraction={val_fraction}, "
-            f"test_fraction={test_fraction}: {error}"
-        ) from None
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-def _subset(image_set: ImageSet, indices: np.ndarray) -> ImageSet:
-    return ImageSet(image_set.images[indices], image_set.labels[indices], image_set.class_names)
-
-
-def make_splits(
-    data: Ingested, cfg: PreprocessParams
-) -> tuple[dict[str, ImageSet], dict[str, list[str]]]:
-    """Train / val / test image sets and the origin of each image in them."""
-    if data.pool is not None:
-        whole, origin_key = data.pool, "pool"
-        parts = split_indices(whole.labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    else:
-        whole, origin_key = data.train, "train"
-        everything = np.arange(len(whole.labels))
-        try:
-            train, val = _stratified(everything, whole.labels, cfg.val_fraction, cfg.seed)
-        except ValueError as error:
-            raise DataError(f"cannot carve validation images out of training: {error}") from None
-        parts = {"train": np.sort(train), "val": np.sort(val)}
-    if len(whole.class_names) < 2:
-        raise DataError(f"need at least 2 classes to classify, got {list(whole.class_names)}")
-    splits = {split: _subset(whole, indices) for split, indices in parts.items()}
-    origins = {split: [data.origins[origin_key][i] for i in idx] for split, idx in parts.items()}
-    if data.test is not None:
-        if data.test.class_names != whole.class_names:
-            raise DataError("the source's test images have other classes than its training images")
-        splits["test"], origins["test"] = data.test, data.origins["test"]
-    return splits, origins
-
 
 def run(
-    cfg: PreprocessParams, raw_dir: Path, out_dir: Path, metrics_path: Path, report_path: Path
+    cfg: PreprocessParams, *, raw_dir: Path, out_dir: Path, metrics_path: Path, report_path: Path
 ) -> dict[str, ImageSet]:
     """Decode, resize and split ``raw_dir`` into ``out_dir``; write the data report."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.work-") as work:
         data = ingest(Path(raw_dir), cfg, Path(work))
         splits, origins = make_splits(data, cfg)
-        source = json.loads((Path(raw_dir) / SOURCE_FILE).read_text())
-        metrics, report = build_report(source, splits, origins, data.skipped, data.source_images)
-        with atomic_path(out_dir, directory=True) as tmp:
-            for split, image_set in splits.items():
-                write_image_set(tmp / split, image_set)
-            class_names = list(splits["train"].class_names)
-            (tmp / CLASSES_FILE).write_text(json.dumps(class_names) + "\n")
-            write_json(tmp / COUNTS_FILE, {split: splits[split].class_counts() for split in SPLITS})
+        metrics, report = build_report(
+            read_source(raw_dir), splits, origins, data.skipped, data.source_images
+        )
+        write_prepared(out_dir, splits)
     write_json(metrics_path, metrics)
     write_text(report_path, report)
     log.info(
@@ -236,7 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_stage(
         "preprocess",
         lambda: run(
-            load_params(args.params).preprocess, args.raw, args.out, args.metrics, args.report
+            load_params(args.params).preprocess,
+            raw_dir=args.raw,
+            out_dir=args.out,
+            metrics_path=args.metrics,
+            report_path=args.report,
         ),
     )
 

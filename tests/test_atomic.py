@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from stages.atomic import atomic_path, write_json
+from classifier.atomic import atomic_path, write_json
 
 
 def siblings(path):

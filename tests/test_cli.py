@@ -4,8 +4,8 @@ import signal
 
 import pytest
 
-from stages.cli import raise_if_signalled, run_stage
-from stages.errors import DataError
+from classifier.cli import raise_if_signalled, run_stage
+from classifier.errors import DataError
 
 
 def test_expected_error_is_one_line_and_exit_1(capsys):

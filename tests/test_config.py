@@ -4,9 +4,9 @@ import sys
 import pytest
 import yaml
 
-from stages.config import load_params, parse_params
-from stages.errors import ParamsError
-from tests.conftest import PROJECT_ROOT
+from classifier.config import load_params, parse_params
+from classifier.errors import ParamsError
+from tests.helpers import PROJECT_ROOT
 
 
 def raw_params() -> dict:

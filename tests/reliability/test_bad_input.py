@@ -9,20 +9,25 @@ import re
 import pytest
 import yaml
 
+from classifier.config import DataParams
+from classifier.data import sources
 from stages import download, preprocess
-from stages.config import DataParams
-from tests.conftest import PROJECT_ROOT, make_image_folder, project_params
-from tests.reliability.conftest import (
+from tests.helpers import (
+    PROJECT_ROOT,
+    ScriptedServer,
     failed_in_one_line,
     leftovers,
+    make_image_folder,
+    make_zip,
     one_line_error,
+    project_params,
     run_cli,
+    sha256_of_file,
     snapshot,
+    write_idx_files,
     write_params,
+    zip_folder,
 )
-from tests.test_archive import make_zip
-from tests.test_download import sha256_of, write_idx_files, zip_folder
-from tests.test_fetch import ScriptedServer
 
 DIGITS = DataParams(source="digits", path=None, mirrors=[])
 
@@ -110,16 +115,16 @@ def test_every_stage_reports_bad_params_in_one_line(tmp_path, capsys, stage):
 def previous_raw(tmp_path):
     """A good data/raw from an earlier download, and its files, to compare after a failure."""
     out = tmp_path / "data" / "raw"
-    download.run(DIGITS, out)
+    download.run(DIGITS, out_dir=out)
     return out, snapshot(out)
 
 
 def served_mnist(monkeypatch, sums, **fetch_options):
     """Make ``mnist`` mean only the given mirror and checksums (no real network)."""
-    from stages import fetch
+    from classifier.data import fetch
 
     monkeypatch.setitem(
-        download.IDX_DATASETS, "mnist", download.IdxDataset((), sums, download.DIGIT_NAMES)
+        sources.IDX_DATASETS, "mnist", sources.IdxDataset((), sums, sources.DIGIT_NAMES)
     )
     if fetch_options:
         quick = functools.partial(fetch.download_file, **fetch_options)
@@ -132,9 +137,11 @@ def test_corrupt_download_fails_on_its_checksum_and_keeps_the_previous_raw_data(
     out, before = previous_raw
     base_url, served = http_server
     write_idx_files(served / "mnist")
-    sums = {role: sha256_of(served / "mnist" / name) for role, name in download.IDX_FILES.items()}
+    sums = {
+        role: sha256_of_file(served / "mnist" / name) for role, name in sources.IDX_FILES.items()
+    }
     # One bit flipped on the mirror after the checksums were published.
-    damaged = served / "mnist" / download.IDX_FILES["train_images"]
+    damaged = served / "mnist" / sources.IDX_FILES["train_images"]
     content = bytearray(damaged.read_bytes())
     content[len(content) // 2] ^= 0x01
     damaged.write_bytes(bytes(content))
@@ -157,13 +164,13 @@ def test_truncated_download_is_retried_then_fails_and_keeps_the_previous_raw_dat
 ):
     out, before = previous_raw
     write_idx_files(tmp_path / "idx")
-    name = download.IDX_FILES["train_images"]
+    name = sources.IDX_FILES["train_images"]
     body = (tmp_path / "idx" / name).read_bytes()
     server = ScriptedServer()
     try:
         # The server promises twice the bytes it sends, every time.
         mirror = server.url(f"/mnist/{name}", ("truncate", body)).removesuffix(name)
-        sums = {role: sha256_of(tmp_path / "idx" / n) for role, n in download.IDX_FILES.items()}
+        sums = {role: sha256_of_file(tmp_path / "idx" / n) for role, n in sources.IDX_FILES.items()}
         served_mnist(monkeypatch, sums, backoff=0.01, timeout=5)
         params = write_params(
             tmp_path / "params.yaml", data={"source": "mnist", "path": None, "mirrors": [mirror]}
@@ -263,14 +270,14 @@ def outputs_of(root):
 def test_broken_images_past_the_allowed_fraction_fail_preprocess_and_keep_its_outputs(tmp_path):
     make_image_folder(tmp_path / "photos", per_class=8)  # 16 good images, 3 broken files
     folder = DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[])
-    download.run(folder, tmp_path / "raw")
+    download.run(folder, out_dir=tmp_path / "raw")
     tolerant = project_params(preprocess=photo_preprocess(max_skipped_fraction=0.2))
     preprocess.run(
         tolerant.preprocess,
-        tmp_path / "raw",
-        tmp_path / "prepared",
-        tmp_path / "data.json",
-        tmp_path / "data.md",
+        raw_dir=tmp_path / "raw",
+        out_dir=tmp_path / "prepared",
+        metrics_path=tmp_path / "data.json",
+        report_path=tmp_path / "data.md",
     )
     before = outputs_of(tmp_path)
 
@@ -289,7 +296,9 @@ def test_broken_images_past_the_allowed_fraction_fail_preprocess_and_keep_its_ou
 def test_archive_of_files_that_are_not_images_fails_preprocess_and_writes_nothing(tmp_path):
     texts = {f"{kind}/{i}.png": f"not a {kind} picture".encode() for kind in "ab" for i in range(3)}
     archive = make_zip(tmp_path / "texts.zip", texts)
-    download.run(DataParams(source="archive", path=str(archive), mirrors=[]), tmp_path / "raw")
+    download.run(
+        DataParams(source="archive", path=str(archive), mirrors=[]), out_dir=tmp_path / "raw"
+    )
     params = write_params(tmp_path / "params.yaml", preprocess=photo_preprocess())
     error = failed_in_one_line(preprocess_cli(tmp_path, params), "preprocess")
     assert error.startswith(f"{tmp_path / 'raw' / 'files'}: 6 of 6 files are unusable (100.0%)")

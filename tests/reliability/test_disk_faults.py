@@ -15,10 +15,10 @@ import signal
 import mlflow
 import pytest
 
+from classifier.config import DataParams
 from stages import download
-from stages.config import DataParams
-from tests.conftest import TEST_EXPERIMENT
-from tests.reliability.conftest import (
+from tests.helpers import (
+    TEST_EXPERIMENT,
     drop_root_file_override,
     failed_in_one_line,
     leftovers,
@@ -40,7 +40,7 @@ DISK_FREE_BYTES = 50_000  # the digits' images.npy alone is 115 kB
 def old_raw(tmp_path):
     """data/raw from an earlier download, plus a note only that one has; and its files."""
     out = tmp_path / "data" / "raw"
-    download.run(DIGITS, out)
+    download.run(DIGITS, out_dir=out)
     (out / "NOTE.txt").write_text("written by the earlier download")
     return out, snapshot(out)
 
@@ -65,7 +65,7 @@ def _full_disk() -> None:
 def full_disk(tmp_path_factory):
     """A download that runs out of disk over an earlier one: (out, files before, result)."""
     out = tmp_path_factory.mktemp("full-disk") / "data" / "raw"
-    download.run(DIGITS, out)
+    download.run(DIGITS, out_dir=out)
     (out / "NOTE.txt").write_text("written by the earlier download")
     before = snapshot(out)
     return out, before, run_cli("download", "--out", out, preexec_fn=_full_disk)
@@ -105,7 +105,11 @@ def test_train_into_a_read_only_models_folder_fails_its_run_and_keeps_the_old_mo
     with read_only(models):
         require_read_only(models, in_child=False)
         with obeying_file_permissions():
-            code = train.main(train_args(prepared_digits, tmp_path / "out", params))
+            code = train.main(
+                train_args(
+                    prepared_digits, tmp_path / "out", params, models=tmp_path / "out" / "models"
+                )
+            )
     assert code == 1
     # MLflow says it is creating the store's tables first: only=False lets that line be.
     error = one_line_error(capsys.readouterr().err, "train", only=False)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stages.model import load_model
-from tests.conftest import PROJECT_ROOT, train_command
+from classifier.model.files import load_model
+from tests.helpers import PROJECT_ROOT, train_command
 
 EPOCHS = 4
 TEST_EXPERIMENT = "tests"

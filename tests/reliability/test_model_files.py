@@ -17,10 +17,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from stages import evaluate, export, predict
-from stages.model import ModelFileError, load_model
-from tests.conftest import PROJECT_ROOT
-from tests.reliability.conftest import one_line_error, write_params
+from classifier.model.files import ModelFileError, load_model
+from stages import evaluate, export
+from tests.helpers import PROJECT_ROOT, one_line_error, write_params
+from tools import predict
 
 SHAPE, CLASSES = (28, 28, 1), 10  # the session's trained digits model
 

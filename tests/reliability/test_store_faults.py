@@ -21,9 +21,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from stages import tracking
-from tests.conftest import PROJECT_ROOT, TEST_EXPERIMENT, sqlite_uri
-from tests.reliability.conftest import (
+from classifier.tracking import runs
+from tests.helpers import (
+    PROJECT_ROOT,
+    TEST_EXPERIMENT,
     failed_in_one_line,
     leftovers,
     obeying_file_permissions,
@@ -32,6 +33,7 @@ from tests.reliability.conftest import (
     require_read_only,
     run_cli,
     snapshot,
+    sqlite_uri,
     stage_env,
     train_args,
     write_params,
@@ -130,7 +132,9 @@ def train_in_process(prepared: Path, root: Path, store: str, epochs: int = 1) ->
         patch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
         try:
             with contextlib.redirect_stderr(stderr):
-                code = train.main(train_args(prepared, root / "out", params))
+                code = train.main(
+                    train_args(prepared, root / "out", params, models=root / "out" / "models")
+                )
         except Exception as escaped:  # what a user would see as a traceback
             error = escaped
     return Outcome(code, stderr.getvalue(), error, [], snapshot(root / "out"))
@@ -154,7 +158,11 @@ def test_train_refuses_unreachable_store_with_one_line(prepared_digits, tmp_path
     uri = f"http://127.0.0.1:{closed_port()}"
     env = stage_env(uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="3")
     params = write_params(tmp_path / "params.yaml", train={"epochs": 1})
-    done = run_cli("train", *train_args(prepared_digits, tmp_path / "out", params), env=env)
+    done = run_cli(
+        "train",
+        *train_args(prepared_digits, tmp_path / "out", params, models=tmp_path / "out" / "models"),
+        env=env,
+    )
     error = failed_in_one_line(done, "train", only=False)
     assert error.startswith(f"MLflow store {uri}: ")
     assert "Connection refused" in error
@@ -200,7 +208,7 @@ def locked_mid_run(prepared_digits, tmp_path_factory) -> Outcome:
     store, database = existing_store(root)
     lock = StoreLock(database)
     release = threading.Timer(1.0, lock.release)
-    real_log_epoch = tracking.log_epoch
+    real_log_epoch = runs.log_epoch
 
     def log_epoch_under_lock(metrics, epoch, **kwargs):
         if not lock.held and not release.is_alive():
@@ -209,7 +217,7 @@ def locked_mid_run(prepared_digits, tmp_path_factory) -> Outcome:
         return real_log_epoch(metrics, epoch, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch, short_store_patience(patch):
-        patch.setattr(tracking, "log_epoch", log_epoch_under_lock)
+        patch.setattr(runs, "log_epoch", log_epoch_under_lock)
         try:
             outcome = train_in_process(prepared_digits, root, store, epochs=2)
         finally:
@@ -242,7 +250,7 @@ def test_store_locked_shorter_than_the_patience_delays_train_but_loses_nothing(
     store, database = existing_store(tmp_path)
     lock = StoreLock(database)
     release = threading.Timer(1.0, lock.release)
-    real_log_epoch = tracking.log_epoch
+    real_log_epoch = runs.log_epoch
 
     def log_epoch_under_lock(metrics, epoch, **kwargs):
         if epoch == 1 and not lock.held and not release.is_alive():
@@ -252,7 +260,7 @@ def test_store_locked_shorter_than_the_patience_delays_train_but_loses_nothing(
 
     # MLflow's own patience (20 s) outlasts the 1 s lock.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tracking, "log_epoch", log_epoch_under_lock)
+        patch.setattr(runs, "log_epoch", log_epoch_under_lock)
         try:
             outcome = train_in_process(prepared_digits, tmp_path, store, epochs=2)
         finally:
@@ -342,8 +350,8 @@ def test_two_runs_logging_the_same_dataset_at_once_both_record_it(tmp_path, monk
 
     def train_run(name: str) -> None:
         try:
-            with tracking.training_run({"run": name}):
-                tracking.log_dataset(images, labels, "digits-train", "/data/train", "training")
+            with runs.training_run({"run": name}):
+                runs.log_dataset(images, labels, "digits-train", "/data/train", "training")
         except Exception as error:
             errors[name] = str(error)
 
@@ -374,7 +382,12 @@ def test_two_trainings_at_once_on_one_sqlite_store_both_record_every_epoch(
     params = write_params(tmp_path / "params.yaml", train={"epochs": epochs})
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "stages.train", *train_args(prepared_digits, out, params)],
+            [
+                sys.executable,
+                "-m",
+                "stages.train",
+                *train_args(prepared_digits, out, params, models=out / "models"),
+            ],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=subprocess.DEVNULL,

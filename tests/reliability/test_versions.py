@@ -13,7 +13,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tests.conftest import PROJECT_ROOT
+from tests.helpers import PROJECT_ROOT
 
 # package -> advisory -> the first version with the fix.
 ADVISORIES: dict[str, dict[str, str]] = {

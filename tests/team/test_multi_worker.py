@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from stages.dataset import read_image_set
-from stages.distributed import ClusterConfigError, cluster_from_env
-from stages.model import load_model
-from tests.conftest import PROJECT_ROOT, TEST_EXPERIMENT, free_port, train_command
+from classifier.data.dataset import read_image_set
+from classifier.model.files import load_model
+from classifier.training.distributed import ClusterConfigError, cluster_from_env
+from tests.helpers import PROJECT_ROOT, TEST_EXPERIMENT, free_port, project_params, train_command
 
 EPOCHS = 2
 OUTPUTS = ("model.keras", "history.csv", "train.json", "run.json", "checkpoint")
@@ -212,16 +212,12 @@ def test_tf_config_names_the_chief_by_tensorflow_rules():
 
 def test_multi_worker_refuses_to_resume(prepared_digits, tmp_path, mlflow_store, monkeypatch):
     from stages import train
-    from tests.conftest import project_params
 
     monkeypatch.setenv("TF_CONFIG", tf_config(["127.0.0.1:1", "127.0.0.1:2"], 0))
     with pytest.raises(ClusterConfigError, match=r"train\.resume: multi-worker training cannot"):
         train.run(
             project_params(train={"resume": True}),
-            prepared_digits,
-            tmp_path / "model.keras",
-            tmp_path / "history.csv",
-            tmp_path / "train.json",
-            tmp_path / "run.json",
+            data_dir=prepared_digits,
+            outputs=train.TrainOutputs.under(tmp_path),
         )
     assert runs(Path(mlflow_store.removeprefix("sqlite:///"))) == []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.team.conftest import DVC_REMOTE, S3_KEY_ID, S3_SECRET, Clone, S3Store, run
+from tests.helpers import DVC_REMOTE, S3_KEY_ID, S3_SECRET, Clone, S3Store, run_command
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "team-two-epochs"
@@ -74,15 +74,15 @@ def dir_manifest(repo: Path, md5: str) -> dict[str, str]:
 
 
 def test_the_remote_is_in_git_and_its_credentials_are_not(alice, origin, experiment):
-    committed = run(origin, "git", "show", "main:.dvc/config", env=alice.env).stdout
+    committed = run_command(origin, "git", "show", "main:.dvc/config", env=alice.env).stdout
     assert DVC_REMOTE in committed
     assert "endpointurl" in committed
     for secret in (S3_KEY_ID, S3_SECRET, "access_key", "secret"):
         assert secret not in committed
     # Nowhere in the shared history, experiments included.
-    revisions = run(origin, "git", "rev-list", "--all", env=alice.env).stdout.split()
+    revisions = run_command(origin, "git", "rev-list", "--all", env=alice.env).stdout.split()
     assert len(revisions) >= 3  # project, one epoch, the experiment
-    found = run(
+    found = run_command(
         origin,
         "git",
         "grep",
@@ -132,7 +132,9 @@ def test_pull_in_a_fresh_clone_gets_byte_identical_data_and_models(alice, bob):
 
 
 def test_exp_push_and_pull_share_the_experiment_and_its_model(alice, bob, experiment):
-    remote_refs = run(bob.path, "git", "ls-remote", "origin", "refs/exps/*", env=bob.env).stdout
+    remote_refs = run_command(
+        bob.path, "git", "ls-remote", "origin", "refs/exps/*", env=bob.env
+    ).stdout
     assert remote_refs.rstrip().endswith(f"/{experiment}")
 
     shown = json.loads(bob.out("dvc", "exp", "show", "--json"))

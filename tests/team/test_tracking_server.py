@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 import yaml
 
-from scripts import team_up
-from tests.conftest import PROJECT_ROOT
-from tests.team.conftest import (
+from tests.helpers import (
     EPOCHS,
     MODEL_NAME,
+    PROJECT_ROOT,
     Clone,
     S3Store,
     TrackingServer,
     base_env,
     free_port,
     postgres_missing,
-    run,
+    run_command,
 )
+from tools import team_up
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "image-classification"
@@ -137,8 +137,8 @@ def test_export_registers_the_champion_on_the_server(tracked: Tracked):
 def test_another_user_loads_the_champion_elsewhere_and_it_predicts_like_the_dvc_model(
     tracked: Tracked, tmp_path: Path
 ):
-    from stages.dataset import read_image_set
-    from stages.model import load_model
+    from classifier.data.dataset import read_image_set
+    from classifier.model.files import load_model
 
     assert not any(key.startswith("AWS_") for key in tracked.elsewhere.env)
     test_set = read_image_set(tracked.reference / "data/prepared/test")
@@ -219,8 +219,8 @@ def test_a_user_finds_no_champion_of_a_model_nobody_registered_yet(alice: Clone)
     done = alice.run(
         "python",
         "-c",
-        "from stages import tracking; tracking.connect(); "
-        "print(tracking.aliased_version('not-registered-yet', 'champion'))",
+        "from classifier.tracking import registry, store; store.connect(); "
+        "print(registry.aliased_version('not-registered-yet', 'champion'))",
         check=False,
         MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
     )
@@ -284,7 +284,7 @@ def test_team_up_prints_exports_that_work_and_ctrl_c_stops_everything(tmp_path: 
             f"set -e; dvc init -q --no-scm; source {env_file}; "
             f"dvc add -q hello.txt; dvc push -q; python -c {shlex.quote(log_run)}"
         )
-        done = run(project, "bash", "-c", script, env=base_env())
+        done = run_command(project, "bash", "-c", script, env=base_env())
         run_id = done.stdout.strip().splitlines()[-1]
 
         printed = env_file.read_text()

@@ -1,0 +1,16 @@
+"""The library behind the pipeline: everything the stages, tools and tests share.
+
+data/        fetching, archives, IDX files, decoding images, splits, the data report
+model/       the architectures (pure Keras 3) and loading model files safely
+training/    the training loop, its callbacks, precision, augmentation, checkpoints
+evaluation/  test metrics, calibration, plots, comparing two runs
+tracking/    the one place that talks to MLflow: store, runs, lineage, registry
+export/      exported formats and their parity, the promotion rule
+serving/     the registered model: images as people have them in, class names out
+"""
+
+import os
+
+# Keep TensorFlow's C++ start-up chatter (INFO and WARNING) out of the pipeline's output.
+# It must be set before TensorFlow is first imported, which any module here may do.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

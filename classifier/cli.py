@@ -1,0 +1,95 @@
+"""What every stage's ``main()`` shares: logging set-up and turning errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from classifier.errors import StageError
+
+# Paths that several stages read, with the defaults dvc.yaml passes: (default, help).
+PREPARED = ("data/prepared", "prepared train/val/test splits")
+MODEL = ("models/model.keras", "trained Keras model")
+RUN_INFO = ("lineage/train_run.json", "the training run's MLflow id")
+
+
+def stage_parser(stage: str, description: str, **paths: tuple[str, str]) -> argparse.ArgumentParser:
+    """The command line of ``python -m stages.<stage>``: ``--params`` and one option per path.
+
+    ``paths`` maps each option (``run_info`` becomes ``--run-info``) to (default, help).
+    Numbers never come from the command line, only from params.yaml.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{stage}",
+        description=description,
+        epilog="Every number comes from params.yaml; the default paths are dvc.yaml's.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    for name, (default, help_text) in paths.items():
+        option = "--" + name.replace("_", "-")
+        parser.add_argument(option, type=Path, default=Path(default), help=help_text)
+    return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwind like Ctrl-C (MLflow runs end KILLED, temporaries go)."""
+
+
+# Signals received by this process. Python runs a handler between any two bytecodes, so
+# its exception can land in a garbage-collector callback or a ``__del__``, where Python
+# prints "Exception ignored" and carries on; long loops call raise_if_signalled() so that
+# such a swallowed signal still stops them at their next safe point.
+_received: list[int] = []
+INTERRUPTS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return Terminated(f"signal {signum}") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _received.append(signum)
+    raise _interruption(signum)
+
+
+def raise_if_signalled() -> None:
+    """Raise Terminated (SIGTERM) or KeyboardInterrupt (Ctrl-C) if one arrived and was lost."""
+    if _received:
+        raise _interruption(_received[0])
+
+
+def run_stage(name: str, body: Callable[[], object]) -> int:
+    """Run a stage's body; expected failures become one line on stderr and exit code 1.
+
+    Ctrl-C and SIGTERM (what `kill`, DVC and schedulers send) exit with 130 and 143, the
+    shell's codes for those signals. The signal handlers are the stage's only while it runs.
+    """
+    previous = {signum: signal.signal(signum, _on_signal) for signum in INTERRUPTS}
+    _received.clear()
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {name}: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        body()
+    except (StageError, OSError) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print(f"{name}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()
+    return 0

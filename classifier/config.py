@@ -1,0 +1,160 @@
+"""Typed, validated params.yaml: every stage reads its numbers from here, loaded once.
+
+An unknown, missing, mistyped or out-of-range key stops the stage with one line that
+names the file and the dotted key, e.g. ``params.yaml: train.epochs: must be >= 1, got 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from classifier.errors import ParamsError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # strict: YAML already gives types, so "10" for an int or true for a number is a typo.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+SOURCES_WITH_PATH = ("idx_dir", "folder", "archive")
+MIRROR_SCHEMES = ("https://", "http://", "file://")
+
+
+class DataParams(_Section):
+    """Where the raw images come from (stage ``download``)."""
+
+    source: Literal["digits", "mnist", "fashion_mnist", "idx_dir", "folder", "archive"]
+    path: str | None
+    mirrors: list[str]
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> DataParams:
+        if self.source in SOURCES_WITH_PATH and not self.path:
+            raise ValueError(f"data.path: required when data.source is {self.source}")
+        for mirror in self.mirrors:
+            if not mirror.startswith(MIRROR_SCHEMES):
+                raise ValueError(
+                    f"data.mirrors: {mirror!r} must start with one of {', '.join(MIRROR_SCHEMES)}"
+                )
+        return self
+
+
+class PreprocessParams(_Section):
+    """Image geometry and the train / validation / test split (stage ``preprocess``)."""
+
+    image_height: int = Field(ge=8, le=1024)
+    image_width: int = Field(ge=8, le=1024)
+    channels: Literal[1, 3]
+    resize: Literal["stretch", "pad", "crop"]
+    max_skipped_fraction: float = Field(ge=0, le=1)
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    seed: int = Field(ge=0)
+
+
+class TrainParams(_Section):
+    """The network and how it is fitted (stage ``train``)."""
+
+    architecture: Literal["reference_cnn", "small_bn_cnn"]
+    epochs: int = Field(ge=1, le=10_000)
+    batch_size: int = Field(ge=1, le=65_536)
+    learning_rate: float = Field(gt=0, le=10)
+    # constant: learning_rate throughout; warmup_cosine: linear warmup from a tenth of it
+    # to learning_rate over warmup_epochs, then cosine decay to zero at the last epoch.
+    schedule: Literal["constant", "warmup_cosine"]
+    warmup_epochs: float = Field(ge=0, le=10_000)
+    augment: Literal["none", "shift", "affine"]
+    # Batches per compiled call (Keras's steps_per_execution): speed only, same weights.
+    steps_per_execution: int = Field(ge=1, le=100_000)
+    # auto: mixed_bfloat16 where the CPU has bf16 instructions (AMX or AVX512_BF16).
+    precision: Literal["auto", "float32", "mixed_bfloat16"]
+    seed: int = Field(ge=0)
+    resume: bool
+
+
+class EvaluateParams(_Section):
+    """How the test set is scored (stage ``evaluate``)."""
+
+    batch_size: int = Field(ge=1, le=65_536)
+
+
+class ExportParams(_Section):
+    """What the model is registered as, and when it becomes @champion (stage ``export``)."""
+
+    model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-]*$")
+    accuracy_floor: float = Field(ge=0, le=1)
+    promotion_margin: float = Field(ge=0, le=1)
+    int8_max_accuracy_drop: float = Field(ge=0, le=1)
+
+
+class Params(_Section):
+    """All of params.yaml."""
+
+    data: DataParams
+    preprocess: PreprocessParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    export: ExportParams
+
+    @model_validator(mode="after")
+    def _split_leaves_training_data(self) -> Params:
+        held_out = self.preprocess.val_fraction + self.preprocess.test_fraction
+        if held_out >= 0.9:
+            raise ValueError(
+                "preprocess.val_fraction + preprocess.test_fraction must be < 0.9, "
+                f"got {held_out:g}"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Every param as ``section.key`` -> value, the form MLflow and DVC show."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.model_dump().items()
+            for key, value in values.items()
+        }
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind == "missing":
+        return f"{key}: missing key"
+    message = error["msg"]
+    if kind == "value_error":
+        # Cross-field checks carry their own full message and no useful location.
+        return message.removeprefix("Value error, ")
+    return f"{key}: {message[0].lower()}{message[1:]}, got {error['input']!r}"
+
+
+def parse_params(raw: Any, source: str = str(DEFAULT_PARAMS_PATH)) -> Params:
+    """Validate an already-parsed params mapping; ``source`` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(_describe(e) for e in error.errors())
+        raise ParamsError(f"{source}: {problems}") from None
+
+
+def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    return parse_params(raw, str(path))

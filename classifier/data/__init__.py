@@ -1,0 +1,1 @@
+"""Getting images in: sources, archives, IDX files, decoding, splits and the data report."""

@@ -1,0 +1,164 @@
+"""The data validation report: what the images are, before anyone trains on them.
+
+Counts per class and split, what the source files were (formats, modes, sizes), pixel
+statistics, exact duplicates within and across splits (leakage), and skipped files.
+Written as a DVC metrics file (numbers) and a Markdown page (tables) for people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from classifier.data.dataset import SPLITS, ImageSet
+
+MAX_LISTED = 50  # rows shown of long lists (duplicates, skipped files); counts are complete
+
+
+def image_hashes(images: np.ndarray) -> list[str]:
+    """A content hash per image: equal hashes mean identical pixels."""
+    return [hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest() for image in images]
+
+
+def duplicate_table(
+    splits: Mapping[str, ImageSet], origins: Mapping[str, Sequence[str]]
+) -> pd.DataFrame:
+    """Every image that has an exact copy elsewhere: split, origin and its copy group."""
+    frames = [
+        pd.DataFrame(
+            {"split": split, "origin": list(origins[split]), "hash": image_hashes(image_set.images)}
+        )
+        for split, image_set in splits.items()
+    ]
+    everything = pd.concat(frames, ignore_index=True)
+    return everything[everything.duplicated("hash", keep=False)].sort_values(["hash", "split"])
+
+
+def _counts_table(splits: Mapping[str, ImageSet]) -> pd.DataFrame:
+    class_names = next(iter(splits.values())).class_names
+    table = pd.DataFrame(
+        {split: splits[split].class_counts() for split in splits}, index=list(class_names)
+    )
+    table.index.name = "class"
+    table["total"] = table.sum(axis=1)
+    table.loc["all classes"] = table.sum()
+    return table
+
+
+PIXEL_CHUNK = 1024  # images per step: statistics never need a float copy of the whole set
+
+
+def _pixel_table(train: ImageSet) -> pd.DataFrame:
+    """Per-channel mean and standard deviation on a 0..1 scale, from running sums."""
+    channels = train.images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    for start in range(0, len(train.images), PIXEL_CHUNK):
+        chunk = train.images[start : start + PIXEL_CHUNK].reshape(-1, channels) / 255.0
+        total += chunk.sum(axis=0)
+        squares += np.square(chunk).sum(axis=0)
+    count = max(1, train.images[..., 0].size)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    names = ["gray"] if channels == 1 else ["red", "green", "blue"]
+    return pd.DataFrame({"channel": names, "mean": mean, "std": std})
+
+
+def _source_table(source_images: pd.DataFrame) -> pd.DataFrame:
+    if source_images.empty:
+        return pd.DataFrame()
+    kinds = source_images.groupby(["format", "mode"]).size().rename("images").reset_index()
+    return kinds.sort_values("images", ascending=False)
+
+
+def _size_table(source_images: pd.DataFrame) -> pd.DataFrame:
+    return (
+        source_images[["width", "height"]]
+        .describe()
+        .loc[["min", "50%", "max"]]
+        .rename(index={"50%": "median"})
+        .astype(int)
+    )
+
+
+def build_report(
+    source: Mapping[str, object],
+    splits: Mapping[str, ImageSet],
+    origins: Mapping[str, Sequence[str]],
+    skipped: Sequence[Mapping[str, str]],
+    source_images: pd.DataFrame,
+) -> tuple[dict[str, object], str]:
+    """Return (metrics for DVC, Markdown for people) describing the prepared data."""
+    counts = _counts_table(splits)
+    pixels = _pixel_table(splits["train"])
+    duplicates = duplicate_table(splits, origins)
+    groups = duplicates.groupby("hash")["split"]
+    across = int((groups.nunique() > 1).sum()) if len(duplicates) else 0
+    within = int(len(duplicates) - duplicates["hash"].nunique()) if len(duplicates) else 0
+    height, width, channels = splits["train"].image_shape
+
+    metrics = {
+        "images": {split: len(splits[split].labels) for split in SPLITS},
+        "classes": len(splits["train"].class_names),
+        "skipped_files": len(skipped),
+        "duplicate_copies": within,
+        "duplicates_across_splits": across,
+        "pixel_mean": round(float(pixels["mean"].mean()), 6),
+        "pixel_std": round(float(pixels["std"].mean()), 6),
+    }
+
+    lines = [
+        "# Data report",
+        "",
+        f"Source: `{source.get('source')}` ({source.get('layout')} layout). "
+        f"Prepared images: {height}x{width}x{channels}, uint8, "
+        f"{sum(metrics['images'].values())} in {metrics['classes']} classes.",
+        "",
+        "## Images per class and split",
+        "",
+        counts.to_markdown(),
+        "",
+        "## Pixels (training split, scaled to 0..1)",
+        "",
+        pixels.to_markdown(index=False, floatfmt=".4f"),
+        "",
+    ]
+    if not source_images.empty:
+        lines += [
+            "## Source files",
+            "",
+            _source_table(source_images).to_markdown(index=False),
+            "",
+            "Size in pixels before resizing:",
+            "",
+            _size_table(source_images).to_markdown(),
+            "",
+        ]
+    lines += [
+        "## Exact duplicates",
+        "",
+        f"{within} images are exact copies of another image; {across} distinct images "
+        "appear in more than one split (leakage between training and evaluation).",
+        "",
+    ]
+    if len(duplicates):
+        shown = duplicates.head(MAX_LISTED).assign(group=lambda d: d["hash"].str[:8])
+        lines += [shown[["group", "split", "origin"]].to_markdown(index=False), ""]
+        if len(duplicates) > MAX_LISTED:
+            lines += [f"... and {len(duplicates) - MAX_LISTED} more.", ""]
+    lines += ["## Skipped files", ""]
+    if skipped:
+        lines += [
+            f"{len(skipped)} files could not be used as images:",
+            "",
+            pd.DataFrame(list(skipped)[:MAX_LISTED]).to_markdown(index=False),
+            "",
+        ]
+        if len(skipped) > MAX_LISTED:
+            lines += [f"... and {len(skipped) - MAX_LISTED} more.", ""]
+    else:
+        lines += ["None.", ""]
+    return metrics, "\n".join(lines)

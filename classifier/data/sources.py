@@ -1,0 +1,274 @@
+"""The data sources: bring the raw images named by ``data.source`` into one folder.
+
+The folder (``data/raw`` in the pipeline) is laid out as classifier/data/raw.py says.
+Image files are decoded by preprocess, which knows the target size; nothing here holds
+more than one IDX file or one image file in memory at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from classifier.atomic import atomic_path, write_json
+from classifier.config import DataParams
+from classifier.data.dataset import ImageSet, write_image_set
+from classifier.data.raw import (
+    FILES_DIR,
+    FILES_LAYOUT,
+    POOL_DIR,
+    POOL_LAYOUT,
+    SOURCE_FILE,
+    SPLIT_LAYOUT,
+)
+from classifier.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# scikit-learn's digits are 8x8 with intensities 0..16; scale them to the usual 0..255.
+DIGITS_MAX_INTENSITY = 16
+DIGIT_NAMES = tuple(str(digit) for digit in range(10))
+
+# The four IDX files of MNIST-like datasets, by their role.
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+IDX_MAX_BYTES = 64 * 2**20  # the largest file, train images, is about 26 MiB gzipped
+ARCHIVE_MAX_BYTES = 20 * 2**30
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """An MNIST-like dataset published as four IDX files on public mirrors."""
+
+    mirrors: tuple[str, ...]
+    sha256: dict[str, str]  # by role, as in IDX_FILES; the published sums of the .gz files
+    class_names: tuple[str, ...]
+
+
+IDX_DATASETS = {
+    "mnist": IdxDataset(
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+        sha256={
+            "train_images": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "train_labels": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "test_images": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            "test_labels": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+        class_names=DIGIT_NAMES,
+    ),
+    "fashion_mnist": IdxDataset(
+        mirrors=(
+            "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
+            "https://fashion-mnist.s3.eu-central-1.amazonaws.com/",
+        ),
+        sha256={
+            "train_images": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            "train_labels": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            "test_images": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            "test_labels": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        },
+        class_names=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+    ),
+}
+
+
+def fetch_digits(cfg: DataParams, out: Path) -> dict[str, object]:
+    """The 1,797 real handwritten digits shipped inside scikit-learn (no network)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255 / DIGITS_MAX_INTENSITY)).astype(np.uint8)
+    image_set = ImageSet(pixels[..., np.newaxis], digits.target.astype(np.int64), DIGIT_NAMES)
+    write_image_set(out / POOL_DIR, image_set)
+    return {"layout": POOL_LAYOUT, "origin": "sklearn.datasets.load_digits"}
+
+
+def _write_idx_splits(files: dict[str, Path], class_names: Sequence[str] | None, out: Path) -> None:
+    from classifier.data.idx import read_idx
+
+    for split in ("train", "test"):
+        images = read_idx(files[f"{split}_images"])
+        labels = read_idx(files[f"{split}_labels"]).astype(np.int64)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise DataError(
+                f"{files[f'{split}_images']}: expected uint8 images of shape (N, height, width), "
+                f"got {images.dtype} {images.shape}"
+            )
+        if len(labels) != len(images):
+            raise DataError(
+                f"{files[f'{split}_labels']}: {len(labels)} labels for {len(images)} images"
+            )
+        names = class_names or tuple(str(label) for label in range(int(labels.max()) + 1))
+        write_image_set(out / split, ImageSet(images[..., np.newaxis], labels, tuple(names)))
+
+
+def fetch_idx_mirror(cfg: DataParams, out: Path) -> dict[str, object]:
+    """MNIST or Fashion-MNIST from the first mirror that serves each file with its checksum."""
+    from classifier.data.fetch import download_file
+
+    dataset = IDX_DATASETS[cfg.source]
+    mirrors = [*cfg.mirrors, *dataset.mirrors]
+    downloads = out.parent / f".{out.name}.downloads"
+    downloads.mkdir(exist_ok=True)
+    try:
+        files = {}
+        for role, name in IDX_FILES.items():
+            urls = [mirror.rstrip("/") + "/" + name for mirror in mirrors]
+            files[role] = download_file(
+                urls, downloads / name, sha256=dataset.sha256[role], max_bytes=IDX_MAX_BYTES
+            )
+        _write_idx_splits(files, dataset.class_names, out)
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+    return {"layout": SPLIT_LAYOUT, "mirrors": mirrors, "sha256": dataset.sha256}
+
+
+def _find_idx_file(folder: Path, name: str) -> Path:
+    for candidate in (name, name.removesuffix(".gz")):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    raise DataError(f"{folder}: no {name} (or {name.removesuffix('.gz')}) in this IDX folder")
+
+
+def fetch_idx_dir(cfg: DataParams, out: Path) -> dict[str, object]:
+    """The four IDX files from a local folder (plain or gzipped); no checksums to check."""
+    folder = Path(cfg.path)
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder")
+    files = {role: _find_idx_file(folder, name) for role, name in IDX_FILES.items()}
+    _write_idx_splits(files, None, out)
+    return {"layout": SPLIT_LAYOUT, "path": str(folder.resolve())}
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def copy_class_folders(source: Path, dest: Path) -> dict[str, int]:
+    """Copy (hard-link where possible) one subfolder of files per class; return the counts."""
+    from tqdm import tqdm
+
+    if not source.is_dir():
+        raise DataError(f"{source}: not a folder")
+    classes = sorted(p for p in source.iterdir() if p.is_dir() and not _is_hidden(p))
+    if len(classes) < 2:
+        raise DataError(
+            f"{source}: need one subfolder per class and at least 2 classes, found "
+            f"{[p.name for p in classes] or 'none'}"
+        )
+    files = {}
+    for folder in classes:
+        found = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file()
+            and not p.is_symlink()
+            and not any(map(_is_hidden, p.relative_to(folder).parents))
+            and not _is_hidden(p)
+        )
+        if not found:
+            raise DataError(f"{folder}: class folder {folder.name!r} holds no files")
+        files[folder.name] = found
+    total = sum(map(len, files.values()))
+    with tqdm(
+        total=total, desc="copying images", unit="file", disable=not sys.stderr.isatty()
+    ) as bar:
+        for name, found in files.items():
+            for path in found:
+                target = dest / name / path.relative_to(source / name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, target)
+                except OSError:
+                    shutil.copyfile(path, target)
+                bar.update()
+    return {name: len(found) for name, found in files.items()}
+
+
+def _class_root(extracted: Path) -> Path:
+    """The folder holding the class folders: archives often wrap them in one top folder."""
+    entries = [p for p in extracted.iterdir() if not _is_hidden(p)]
+    if len(entries) == 1 and entries[0].is_dir():
+        inner = [p for p in entries[0].iterdir() if p.is_dir() and not _is_hidden(p)]
+        if len(inner) >= 2:
+            return entries[0]
+    return extracted
+
+
+def fetch_folder(cfg: DataParams, out: Path) -> dict[str, object]:
+    """A folder with one subfolder of images per class."""
+    counts = copy_class_folders(Path(cfg.path), out / FILES_DIR)
+    return {
+        "layout": FILES_LAYOUT,
+        "path": str(Path(cfg.path).resolve()),
+        "files_per_class": counts,
+    }
+
+
+def fetch_archive(cfg: DataParams, out: Path) -> dict[str, object]:
+    """A .zip or .tar.gz of a class-folder tree, from a path or a URL, extracted safely."""
+    from classifier.data.archive import extract_archive
+    from classifier.data.fetch import download_file
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.archive-") as work:
+        work_dir = Path(work)
+        location = cfg.path
+        if location.startswith(("https://", "http://", "file://")):
+            archive = download_file(
+                [location],
+                work_dir / Path(location.split("?")[0]).name,
+                sha256=None,
+                max_bytes=ARCHIVE_MAX_BYTES,
+            )
+        else:
+            archive = Path(location)
+            if not archive.is_file():
+                raise DataError(f"data.path: {archive} is not a file")
+        extracted = extract_archive(archive, work_dir / "extracted")
+        counts = copy_class_folders(_class_root(extracted), out / FILES_DIR)
+    return {"layout": FILES_LAYOUT, "archive": location, "files_per_class": counts}
+
+
+SOURCES: dict[str, Callable[[DataParams, Path], dict[str, object]]] = {
+    "digits": fetch_digits,
+    "mnist": fetch_idx_mirror,
+    "fashion_mnist": fetch_idx_mirror,
+    "idx_dir": fetch_idx_dir,
+    "folder": fetch_folder,
+    "archive": fetch_archive,
+}
+
+
+def fetch_source(cfg: DataParams, out_dir: Path) -> dict[str, object]:
+    """Fetch the configured source into ``out_dir`` atomically; return its description."""
+    with atomic_path(out_dir, directory=True) as tmp:
+        description = {"source": cfg.source, **SOURCES[cfg.source](cfg, tmp)}
+        write_json(tmp / SOURCE_FILE, description)
+    log.info("fetched %s (%s layout) into %s", cfg.source, description["layout"], out_dir)
+    return description

@@ -1,0 +1,1 @@
+"""Shipping a model: deployable formats and their parity checks, and the promotion rule."""

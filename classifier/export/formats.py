@@ -1,0 +1,387 @@
+"""Export a trained Keras model into deployable formats and prove each gives the same answers.
+
+Every format takes what the ``.keras`` model takes, raw uint8 pixels ``(N, H, W, C)``, and
+returns float32 class probabilities ``(N, classes)``:
+
+    keras           the trained ``.keras`` file itself
+    saved_model     TensorFlow SavedModel, for TF Serving (signature ``serve``)
+    tflite_float32  LiteRT (TFLite) with float32 weights
+    tflite_int8     LiteRT with full-integer quantisation: int8 weights and activations,
+                    calibrated on training images; under a third of the float32 size
+    onnx            ONNX, for onnxruntime and the runtimes that read it
+
+A float format must give the same probabilities as the ``.keras`` model to within
+``FLOAT_TOLERANCE``; the int8 model may differ in its probabilities but must not lose more
+than ``INT8_MAX_ACCURACY_DROP`` of accuracy. TensorFlow is imported inside the functions:
+this is export code, and the model code stays backend-neutral.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from classifier.errors import DataError, StageError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("keras", "saved_model", "tflite_float32", "tflite_int8", "onnx")
+FILE_NAMES = {
+    "saved_model": "saved_model",
+    "tflite_float32": "model_float32.tflite",
+    "tflite_int8": "model_int8.tflite",
+    "onnx": "model.onnx",
+}
+FLOAT_TOLERANCE = 1e-5  # max abs probability difference for float formats
+INT8_MAX_ACCURACY_DROP = 0.005  # 0.5 points
+# Calibration sees at most this many training images, evenly spaced through the set; a few
+# hundred pin down each layer's value range, and more only slow the conversion.
+MAX_CALIBRATION_IMAGES = 500
+PREDICT_BATCH_SIZE = 256
+# Python loggers that report every step of a conversion at INFO.
+CONVERTER_LOGGERS = ("tensorflow", "tf2onnx")
+NUMPY_OBJECT_PROBE = r"In the future `np\.object` will be defined"
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class ExportError(StageError):
+    """A model could not be converted to, or loaded from, one of the formats."""
+
+
+class ParityError(StageError):
+    """An exported format does not give the answers the Keras model gives."""
+
+
+@contextlib.contextmanager
+def _quiet_converters() -> Iterator[None]:
+    """Quiet the converters' step-by-step INFO logs and a known NumPy warning, then restore."""
+    loggers = [logging.getLogger(name) for name in CONVERTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            # Keras's tf2onnx shim probes ``hasattr(np, "object")``, which NumPy 2 warns about.
+            warnings.filterwarnings("ignore", NUMPY_OBJECT_PROBE, FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _batch_shape(image_shape: tuple) -> str:
+    """``(N, 28, 28, 1)`` for messages."""
+    return "(N, " + ", ".join(str(size) for size in image_shape) + ")"
+
+
+def _calibration_images(representative_images: np.ndarray, image_shape: tuple) -> np.ndarray:
+    """Up to MAX_CALIBRATION_IMAGES of ``representative_images``, checked against the model."""
+    images = np.asarray(representative_images)
+    if images.dtype != np.uint8 or images.shape[1:] != image_shape or len(images) == 0:
+        raise DataError(
+            f"tflite_int8: calibration needs at least one uint8 image of shape "
+            f"{_batch_shape(image_shape)}, got {images.dtype} {images.shape}"
+        )
+    count = min(len(images), MAX_CALIBRATION_IMAGES)
+    return images[np.linspace(0, len(images) - 1, count).round().astype(int)]
+
+
+def export_formats(
+    keras_path: Path, representative_images: np.ndarray, out_dir: Path
+) -> dict[str, Path]:
+    """Write every format of the ``.keras`` model into ``out_dir``; return format -> path.
+
+    ``keras`` maps to ``keras_path`` itself (not copied); the others are converted from the
+    model loaded from it, so every format comes from that one file. ``representative_images``
+    (training images, uint8) calibrate the int8 model's value ranges.
+    """
+    import tensorflow as tf
+
+    from classifier.model.files import load_model
+
+    model = load_model(str(keras_path))
+    input_spec = model.inputs[0]
+    image_shape = tuple(input_spec.shape[1:])
+    if input_spec.dtype != "uint8" or len(image_shape) != 3:
+        raise ExportError(
+            f"{keras_path}: the model must take uint8 pixels (N, height, width, channels), "
+            f"takes {input_spec.dtype} {tuple(input_spec.shape)}"
+        )
+    calibration = _calibration_images(representative_images, image_shape)
+
+    def calibration_samples() -> Iterator[list[np.ndarray]]:
+        for image in calibration:
+            yield [image[np.newaxis]]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: out_dir / file_name for name, file_name in FILE_NAMES.items()}
+    exports = {
+        "saved_model": {"format": "tf_saved_model"},
+        # Builtin ops only: a file that needs TensorFlow (Flex) ops would not run on LiteRT alone.
+        "tflite_float32": {
+            "format": "litert",
+            "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]},
+        },
+        # Full-integer: every op int8, or conversion fails. The input stays uint8 pixels
+        # (the model's own input type); the output is dequantised to float32 probabilities.
+        "tflite_int8": {
+            "format": "litert",
+            "optimizations": [tf.lite.Optimize.DEFAULT],
+            "representative_dataset": calibration_samples,
+            "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]},
+        },
+        "onnx": {"format": "onnx"},
+    }
+    for name, options in exports.items():
+        log.info("exporting %s to %s", name, paths[name])
+        try:
+            with _quiet_converters():
+                model.export(str(paths[name]), verbose=False, **options)
+        except Exception as error:
+            raise ExportError(
+                f"{name}: converting {keras_path} failed: {str(error).strip().splitlines()[0]}"
+            ) from error
+    return {"keras": Path(keras_path), **paths}
+
+
+def _checked(fmt: str, image_shape: tuple, predict: Runner) -> Runner:
+    """Wrap ``predict`` to refuse anything but a uint8 batch of the model's image shape."""
+
+    def run(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[1:] != image_shape:
+            raise DataError(
+                f"{fmt}: expected uint8 images of shape {_batch_shape(image_shape)}, "
+                f"got {images.dtype} {images.shape}"
+            )
+        return np.asarray(predict(images), dtype=np.float32)
+
+    return run
+
+
+def _keras_runner(path: Path) -> Runner:
+    from classifier.model.files import load_model
+
+    model = load_model(str(path))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return model.predict(images, PREDICT_BATCH_SIZE, verbose=0)
+
+    return _checked("keras", tuple(model.inputs[0].shape[1:]), predict)
+
+
+def _saved_model_runner(path: Path) -> Runner:
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(path)).signatures["serve"]
+    ((input_name, input_spec),) = serve.structured_input_signature[1].items()
+    (output_name,) = serve.structured_outputs
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return serve(**{input_name: tf.constant(images)})[output_name].numpy()
+
+    return _checked("saved_model", tuple(input_spec.shape[1:]), predict)
+
+
+def _dequantised(values: np.ndarray, detail: Mapping) -> np.ndarray:
+    """Float values of a TFLite output; integer outputs carry a (scale, zero point)."""
+    scale, zero_point = detail["quantization"]
+    if values.dtype == np.float32 or scale == 0:
+        return values
+    return (values.astype(np.float32) - zero_point) * scale
+
+
+def _tflite_runner(fmt: str, path: Path) -> Runner:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
+    (input_detail,) = interpreter.get_input_details()
+    (output_detail,) = interpreter.get_output_details()
+    if input_detail["dtype"] != np.uint8 or input_detail["quantization"][0] != 0:
+        raise ExportError(
+            f"{fmt}: {path} must take raw uint8 pixels, takes "
+            f"{input_detail['dtype'].__name__} quantised as {input_detail['quantization']}"
+        )
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        # The interpreter holds one batch size at a time; resize only when it changes.
+        current = interpreter.get_input_details()[0]["shape"]
+        if tuple(current) != images.shape:
+            interpreter.resize_tensor_input(input_detail["index"], images.shape, strict=True)
+            interpreter.allocate_tensors()
+        interpreter.set_tensor(input_detail["index"], images)
+        interpreter.invoke()
+        return _dequantised(interpreter.get_tensor(output_detail["index"]), output_detail)
+
+    interpreter.allocate_tensors()
+    return _checked(fmt, tuple(int(size) for size in input_detail["shape"][1:]), predict)
+
+
+def _onnx_runner(path: Path) -> Runner:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return session.run(None, {model_input.name: images})[0]
+
+    return _checked("onnx", tuple(model_input.shape[1:]), predict)
+
+
+def load_runner(fmt: str, path: Path) -> Runner:
+    """A function from a uint8 batch ``(N, H, W, C)`` to float32 probabilities, any N.
+
+    keras: safe-mode load; saved_model: its ``serve`` signature; tflite_*: the LiteRT
+    interpreter on every CPU; onnx: onnxruntime on the CPU.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}, expected one of {list(FORMATS)}")
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{fmt}: {path} does not exist; export the formats first")
+    try:
+        if fmt == "keras":
+            return _keras_runner(path)
+        if fmt == "saved_model":
+            return _saved_model_runner(path)
+        if fmt == "onnx":
+            return _onnx_runner(path)
+        return _tflite_runner(fmt, path)
+    except StageError:
+        raise
+    except Exception as error:
+        raise ExportError(
+            f"{fmt}: cannot load {path}: {str(error).strip().splitlines()[0]}"
+        ) from error
+
+
+def parity_bound(fmt: str, int8_max_drop: float = INT8_MAX_ACCURACY_DROP) -> tuple[str, float]:
+    """The figure a format is judged on and its largest passing value."""
+    if fmt == "tflite_int8":
+        return "accuracy_drop", int8_max_drop
+    return "max_abs_diff", FLOAT_TOLERANCE
+
+
+def _predict_in_batches(runner: Runner, images: np.ndarray, batch_size: int) -> np.ndarray:
+    batches = [
+        runner(images[start : start + batch_size]) for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(batches)
+
+
+def check_parity(
+    reference: np.ndarray,
+    runners: Mapping[str, Runner],
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int = PREDICT_BATCH_SIZE,
+    int8_max_drop: float = INT8_MAX_ACCURACY_DROP,
+) -> dict[str, dict[str, float | bool]]:
+    """Score each format's probabilities on ``images`` against the Keras ``reference``.
+
+    Per format: ``max_abs_diff`` from the reference probabilities, ``accuracy``,
+    ``accuracy_drop`` (reference accuracy minus the format's), the ``bound`` and
+    ``passed``, judged on the figure :func:`parity_bound` names.
+    """
+    if len(images) == 0 or reference.shape[0] != len(images) or labels.shape != (len(images),):
+        raise DataError(
+            f"parity needs one reference row and one label per image, got {len(images)} images, "
+            f"reference {reference.shape}, labels {labels.shape}"
+        )
+    # Accuracies as counts over one division, so a drop of exactly the bound passes.
+    reference_correct = int(np.sum(reference.argmax(axis=1) == labels))
+    report: dict[str, dict[str, float | bool]] = {}
+    for fmt, runner in runners.items():
+        if fmt not in FORMATS:
+            raise ExportError(f"unknown format {fmt!r}, expected one of {list(FORMATS)}")
+        probabilities = _predict_in_batches(runner, images, batch_size)
+        if probabilities.shape != reference.shape:
+            raise ParityError(
+                f"{fmt}: gave probabilities of shape {probabilities.shape}, "
+                f"the Keras model {reference.shape}"
+            )
+        correct = int(np.sum(probabilities.argmax(axis=1) == labels))
+        accuracy = correct / len(images)
+        figures: dict[str, float | bool] = {
+            "max_abs_diff": float(np.max(np.abs(probabilities - reference))),
+            "accuracy": accuracy,
+            "accuracy_drop": (reference_correct - correct) / len(images),
+        }
+        figure, bound = parity_bound(fmt, int8_max_drop)
+        figures["bound"] = bound
+        figures["passed"] = bool(figures[figure] <= bound)
+        report[fmt] = figures
+        log.info(
+            "%s: %s %.3g (bound %g), accuracy %.4f", fmt, figure, figures[figure], bound, accuracy
+        )
+    return report
+
+
+def assert_parity(report: Mapping[str, Mapping[str, float | bool]]) -> None:
+    """Raise :class:`ParityError` naming every format that failed, its figure and the bound."""
+    failures = []
+    for fmt, figures in report.items():
+        if not figures["passed"]:
+            figure, default_bound = parity_bound(fmt)
+            bound = figures.get("bound", default_bound)
+            failures.append(f"{fmt} {figure} {figures[figure]:.3g} > {bound:g}")
+    if failures:
+        raise ParityError("exported formats differ from the Keras model: " + "; ".join(failures))
+
+
+def format_sizes(paths: Mapping[str, Path]) -> dict[str, int]:
+    """Size in bytes of each format's file, or of all files under its directory."""
+    sizes = {}
+    for fmt, path in paths.items():
+        path = Path(path)
+        if path.is_dir():
+            sizes[fmt] = sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+        elif path.is_file():
+            sizes[fmt] = path.stat().st_size
+        else:
+            raise ExportError(f"{fmt}: {path} does not exist; export the formats first")
+    return sizes
+
+
+# Training images that calibrate the int8 model's quantisation ranges.
+REPRESENTATIVE_IMAGES = 300
+
+
+def representative_images(
+    train_images: np.ndarray, count: int = REPRESENTATIVE_IMAGES
+) -> np.ndarray:
+    """``count`` training images drawn by a fixed seed, to calibrate the int8 model."""
+    return train_images[np.random.default_rng(0).permutation(len(train_images))[:count]]
+
+
+def export_and_check(
+    model_path: Path,
+    representative: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    reference: np.ndarray,
+    out_dir: Path,
+    int8_max_drop: float = INT8_MAX_ACCURACY_DROP,
+) -> dict[str, dict[str, float | bool]]:
+    """Write every format into ``out_dir`` and check each on the test images.
+
+    ``reference`` is the Keras model's probabilities for the test images. Returns each
+    format's size, largest probability difference and accuracy; raises
+    :class:`ParityError` if any format gives different answers.
+    """
+    paths = export_formats(model_path, representative, out_dir)
+    runners = {name: load_runner(name, path) for name, path in paths.items()}
+    report = check_parity(reference, runners, test_images, test_labels, int8_max_drop=int8_max_drop)
+    for name, size in format_sizes(paths).items():
+        report[name]["size_bytes"] = size
+    assert_parity(report)
+    return report

@@ -1,0 +1,10 @@
+"""The only code that talks to MLflow: the store, runs, lineage tags and the registry.
+
+    store      where the store is, which experiment; MLflow errors as one line
+    runs       open, reopen and close runs; log metrics, artifacts and datasets
+    lineage    tags tying a run to its git commit and DVC data
+    registry   register model versions, move aliases, find what an alias points at
+
+Stages, tools and tests call these modules and never set a tracking URI themselves. The
+package imports nothing by itself, so a stage depends only on the modules it uses.
+"""

@@ -1,0 +1,1 @@
+"""Fitting a model: the epoch loop, its callbacks, precision, augmentation, checkpoints."""

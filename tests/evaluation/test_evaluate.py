@@ -1,0 +1,120 @@
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from classifier.config import EvaluateParams
+from classifier.data.dataset import ImageSet
+from classifier.errors import StageError
+from classifier.evaluation import metrics
+from stages import evaluate
+
+PICTURES = {"confusion.png", "reliability.png", "curves.png", "misclassified.png"}
+TABLES = {"confusion.csv", "per_class.csv", "calibration.csv"}
+
+
+def test_score_is_cross_entropy_and_accuracy():
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.0, 1.0]])
+    labels = np.array([0, 1, 1, 1])
+    scored = metrics.score(probabilities, labels)
+    expected_loss = -np.mean(np.log([0.9, 0.8, 0.4, 1.0]))
+    assert scored == pytest.approx({"loss": expected_loss, "accuracy": 0.75})
+
+
+def test_a_zero_probability_for_the_true_class_gives_a_finite_loss():
+    scored = metrics.score(np.array([[1.0, 0.0]]), np.array([1]))
+    assert scored["loss"] == pytest.approx(-np.log(metrics.PROBABILITY_EPSILON))
+
+
+def test_per_class_metrics_follow_their_definitions():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 0, 1, 1, 1, 1])
+    table = metrics.per_class_table(labels, predicted, ("a", "b", "c")).set_index("class")
+    assert table.loc["a"].tolist() == pytest.approx([1.0, 2 / 3, 0.8, 3])
+    assert table.loc["b", "precision"] == pytest.approx(2 / 4)
+    assert table.loc["c"].tolist() == pytest.approx([0.0, 0.0, 0.0, 1])  # never predicted
+
+
+def test_expected_calibration_error_weights_each_bins_gap():
+    # Two confident right answers (0.95) and two hesitant ones, one right (0.55).
+    probabilities = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
+    labels = np.array([0, 0, 0, 1])
+    ece, bins = metrics.calibration_bins(probabilities, labels, bins=10)
+    assert bins.loc[9, ["confidence", "accuracy", "count"]].tolist() == pytest.approx([0.95, 1, 2])
+    assert bins.loc[5, ["confidence", "accuracy", "count"]].tolist() == pytest.approx([0.55, 1, 2])
+    assert ece == pytest.approx((2 * 0.05 + 2 * 0.45) / 4)
+
+
+def test_top_k_accuracy_only_with_more_than_five_classes():
+    rng = np.random.default_rng(0)
+    few = rng.dirichlet(np.ones(5), size=20)
+    many = rng.dirichlet(np.ones(10), size=20)
+    labels = np.arange(20) % 5
+    per_class = pd.DataFrame({"precision": [1.0], "recall": [1.0], "f1": [1.0]})
+    assert "top3_accuracy" not in metrics.headline_metrics(few, labels, per_class, 0.0)
+    top3 = metrics.headline_metrics(many, labels, per_class, 0.0)["top3_accuracy"]
+    in_top3 = [label in np.argsort(-row)[:3] for row, label in zip(many, labels, strict=True)]
+    assert top3 == pytest.approx(np.mean(in_top3))
+
+
+def test_most_confident_mistakes_come_first():
+    test = ImageSet(
+        np.arange(4, dtype=np.uint8).reshape(4, 1, 1, 1), np.array([0, 0, 1, 1]), ("a", "b")
+    )
+    probabilities = np.array([[0.4, 0.6], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])
+    images, captions = metrics.most_confident_mistakes(test, probabilities, count=5)
+    assert images[:, 0, 0, 0].tolist() == [1, 3, 0]
+    assert captions[0] == "#1: a as b (90%)"
+
+
+def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
+    trained, trained_store, tmp_path
+):
+    metrics_path, plots_dir = tmp_path / "evaluate.json", tmp_path / "plots"
+    metrics = evaluate.run(
+        EvaluateParams(batch_size=64),
+        data_dir=trained.data_dir,
+        model_path=trained.model_path,
+        run_info_path=trained.run_info_path,
+        history_path=trained.history_path,
+        metrics_path=metrics_path,
+        plots_dir=plots_dir,
+    )
+    assert {p.name for p in plots_dir.iterdir()} == PICTURES | TABLES
+    rows = pd.read_csv(plots_dir / "confusion.csv", dtype=str)
+    assert len(rows) == 270
+    assert metrics["accuracy"] == pytest.approx((rows["actual"] == rows["predicted"]).mean())
+    per_class = pd.read_csv(plots_dir / "per_class.csv")
+    assert metrics["macro_f1"] == pytest.approx(per_class["f1"].mean())
+    assert per_class["support"].sum() == 270
+    assert 0 <= metrics["ece"] < 0.5 and 0 < metrics["top3_accuracy"] <= 1
+    assert metrics["top3_accuracy"] >= metrics["accuracy"]
+    assert json.loads(metrics_path.read_text()) == metrics
+    for picture in PICTURES:
+        with Image.open(plots_dir / picture) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
+
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    run = client.get_run(trained.result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
+    logged = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert logged == PICTURES | TABLES
+
+
+def test_evaluate_without_a_training_run_is_a_clear_error(trained, tmp_path):
+    with pytest.raises(StageError, match=r"train_run\.json: missing; run the train stage first"):
+        evaluate.run(
+            EvaluateParams(batch_size=64),
+            data_dir=trained.data_dir,
+            model_path=trained.model_path,
+            run_info_path=tmp_path / "train_run.json",
+            history_path=trained.history_path,
+            metrics_path=tmp_path / "m.json",
+            plots_dir=tmp_path / "p",
+        )
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "p").exists()

@@ -1,0 +1,692 @@
+"""Helpers every test module may import: one place, not conftest.py or each other.
+
+Fixtures live in the conftest.py files and use these; tests import them with
+``from tests.helpers import ...``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from classifier.config import Params, parse_params
+from classifier.data.sources import IDX_FILES
+from tools import team_up
+
+# --- The project and its params -----------------------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+TEST_EXPERIMENT = "tests"
+
+
+TRAIN_EPOCHS = 3
+
+
+DVC_EXPERIMENT = "test-exp-name"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def project_params(**overrides: dict[str, Any]) -> Params:
+    """The project's params.yaml with some keys of some sections replaced, validated."""
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in overrides.items():
+        raw[section].update(values)
+    return parse_params(raw, "params.yaml (test overrides)")
+
+
+def sqlite_uri(directory: Path) -> str:
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def write_raw_pool(raw_dir: Path, image_set) -> None:
+    """Write ``image_set`` as the download stage's pool layout (what digits produce)."""
+    from classifier.atomic import write_json
+    from classifier.data.dataset import write_image_set
+    from classifier.data.raw import SOURCE_FILE
+
+    write_image_set(raw_dir / "pool", image_set)
+    write_json(raw_dir / SOURCE_FILE, {"source": "test", "layout": "pool"})
+
+
+def train_args(data: Path, out: Path, params: Path, models: Path | None = None) -> list[str]:
+    """The train stage's arguments: every output under ``out``, the model in ``models``."""
+    models = out if models is None else models
+    return [
+        "--params",
+        str(params),
+        "--data",
+        str(data),
+        "--model",
+        str(models / "model.keras"),
+        "--history",
+        str(out / "history.csv"),
+        "--metrics",
+        str(out / "train.json"),
+        "--run-info",
+        str(out / "run.json"),
+        "--data-report",
+        str(out / "none.md"),
+        "--checkpoint",
+        str(models / "checkpoint"),
+    ]
+
+
+def train_command(data: Path, out: Path, params: Path) -> list[str]:
+    """``python -m stages.train`` on ``data``, with every output under ``out``."""
+    return [sys.executable, "-m", "stages.train", *train_args(data, out, params)]
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A model trained once per session by the real train stage, and where it wrote."""
+
+    params: Params
+    store_uri: str
+    data_dir: Path
+    model_path: Path
+    history_path: Path
+    metrics_path: Path
+    run_info_path: Path
+    result: Any
+
+
+def make_image_folder(
+    root: Path, per_class: int = 6, broken: bool = True, seed: int = 0
+) -> dict[str, list[str]]:
+    """Two classes of images as people have them: mixed formats, modes and sizes.
+
+    Cats are bright on the left, dogs bright on the right, so a CNN can learn them. With
+    ``broken``, add a truncated JPEG, an empty file and a text file. Returns file names
+    per class folder.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    kinds = [
+        ("jpg", "RGB", {"quality": 90}),
+        ("png", "L", {}),
+        ("png", "RGBA", {}),
+        ("gif", "P", {}),
+        ("bmp", "RGB", {}),
+        ("webp", "RGB", {}),
+        ("png", "I;16", {}),
+    ]
+    written: dict[str, list[str]] = {}
+    for label, name in enumerate(("cats", "dogs")):
+        folder = root / name
+        folder.mkdir(parents=True)
+        written[name] = []
+        for index in range(per_class):
+            extension, mode, options = kinds[index % len(kinds)]
+            width, height = (int(v) for v in rng.integers(24, 160, size=2))
+            pixels = rng.integers(0, 60, (height, width, 3)).astype(np.uint8)
+            half = slice(0, width // 2) if label == 0 else slice(width // 2, width)
+            pixels[:, half] += 180
+            picture = Image.fromarray(pixels, "RGB")
+            if mode == "I;16":
+                gray = np.asarray(picture.convert("L")).astype(np.uint16)
+                picture = Image.fromarray(gray * 257)
+            elif mode != "RGB":
+                picture = picture.convert(mode)
+            file_name = f"{name}_{index:03d}.{extension}"
+            picture.save(folder / file_name, **options)
+            written[name].append(file_name)
+    if broken:
+        good = root / "cats" / written["cats"][0]
+        (root / "cats" / "truncated.jpg").write_bytes(good.read_bytes()[:300])
+        (root / "dogs" / "empty.png").write_bytes(b"")
+        (root / "dogs" / "notes.txt").write_text("not a picture")
+        written["cats"].append("truncated.jpg")
+        written["dogs"] += ["empty.png", "notes.txt"]
+    (root / ".DS_Store").write_bytes(b"\0\0junk")
+    (root / "cats" / ".hidden.jpg").write_bytes(b"junk")
+    return written
+
+
+# --- Stages as a user runs them, and what they leave --------------------------------------
+
+# Keep stderr to what the stage itself says: no INFO logs, no TensorFlow start-up chatter.
+QUIET = {"LOG_LEVEL": "ERROR", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+
+
+# What a stage leaves beside an output while writing it (stages/atomic.py and friends).
+TEMPORARY_MARKERS = (".tmp-", ".old-", ".work-", ".downloads", ".archive-")
+
+
+def stage_env(store: str | None = None, **extra: str) -> dict[str, str]:
+    """This environment without MLflow/DVC settings, quiet, logging to ``store`` if given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(QUIET)
+    if store is not None:
+        env.update(MLFLOW_TRACKING_URI=store, MLFLOW_EXPERIMENT_NAME=TEST_EXPERIMENT)
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    stage: str,
+    *args: object,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    **popen: Any,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m stages.<stage> ARGS`` from the project root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *map(str, args)],
+        cwd=PROJECT_ROOT,
+        env=stage_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
+
+
+def one_line_error(stderr: str, stage: str, *, only: bool = True) -> str:
+    """The message of the single ``<stage>: error:`` line that ends ``stderr``.
+
+    With ``only``, that line must be all of stderr; else other lines may come before it
+    (a library's warnings), but never a traceback.
+    """
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    prefix = f"{stage}: error: "
+    assert lines and lines[-1].startswith(prefix), stderr
+    assert sum(line.startswith(prefix) for line in lines) == 1, stderr
+    if only:
+        assert len(lines) == 1, stderr
+    return lines[-1].removeprefix(prefix)
+
+
+def failed_in_one_line(done: subprocess.CompletedProcess[str], stage: str, **options: Any) -> str:
+    """Check the stage exited 1 with one error line; return its message."""
+    assert done.returncode == 1, done.stderr
+    return one_line_error(done.stderr, stage, **options)
+
+
+def write_params(path: Path, **sections: dict[str, Any]) -> Path:
+    """The project's params.yaml with some keys of some sections replaced, written to ``path``."""
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder``, relative POSIX path -> content."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporaries a stage left under ``folder`` (hidden names with a temporary marker)."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in Path(folder).rglob(".*")
+        if any(marker in p.name for marker in TEMPORARY_MARKERS)
+    )
+
+
+# --- A copy of the project in a git repository --------------------------------------------
+
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    ".dvcignore",
+    ".gitignore",
+]
+
+
+STAGES = ["download", "preprocess", "train", "evaluate", "export"]
+
+
+def run_ok(repo: Path, *command: str) -> str:
+    """Run a command in ``repo`` as a user would, with the project's environment on PATH."""
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "true"
+    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def set_params(repo: Path, section: str = "train", **values: object) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_project(repo: Path) -> None:
+    """Copy what a clone of the project holds (no outputs, no venv) into ``repo``."""
+    for name in PROJECT_FILES:
+        source, target = PROJECT_ROOT / name, repo / name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def init_git(repo: Path) -> None:
+    run_ok(repo, "git", "init", "-q")
+    run_ok(repo, "git", "config", "user.name", "Pipeline Test")
+    run_ok(repo, "git", "config", "user.email", "pipeline-test@example.invalid")
+    run_ok(repo, "git", "add", "-A")
+    run_ok(repo, "git", "commit", "-qm", "project")
+
+
+# --- Files for the data tests: IDX, archives, a scripted HTTP server ----------------------
+
+
+def write_idx_files(folder, compress=True, train=30, test=10):
+    """Small MNIST-like IDX files; returns the arrays written, by role."""
+    from classifier.data.idx import write_idx
+
+    rng = np.random.default_rng(1)
+    arrays = {
+        "train_images": rng.integers(0, 256, (train, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (test, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(test) % 10).astype(np.uint8),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for role, name in IDX_FILES.items():
+        write_idx(folder / (name if compress else name.removesuffix(".gz")), arrays[role])
+    return arrays
+
+
+def sha256_of_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def zip_folder(folder, archive, top):
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                bundle.write(path, f"{top}/{path.relative_to(folder).as_posix()}")
+
+
+def make_zip(path, members, compression=zipfile.ZIP_DEFLATED):
+    """A zip of ``members``: name (or ZipInfo) -> content."""
+    with zipfile.ZipFile(path, "w", compression) as bundle:
+        for name, content in members.items():
+            bundle.writestr(name, content)
+    return path
+
+
+class ScriptedServer:
+    """Serves each path by a script of actions, one per request; the last one repeats."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, list[tuple]] = {}
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.user_agents: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                count = server.requests[self.path]
+                server.requests[self.path] += 1
+                server.user_agents.append(self.headers.get("User-Agent", ""))
+                script = server.scripts.get(self.path, [("status", 404)])
+                action, *args = script[min(count, len(script) - 1)]
+                # The client may hang up mid-body, as some tests want it to.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    getattr(self, f"serve_{action}")(*args)
+                self.close_connection = True
+
+            def head(self, status, length):
+                self.send_response(status)
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
+                self.end_headers()
+
+            def serve_ok(self, body):
+                self.head(200, len(body))
+                self.wfile.write(body)
+
+            def serve_status(self, code):
+                self.head(code, 0)
+
+            def serve_redirect(self, location):
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def serve_nolength(self, body):
+                self.head(200, None)
+                self.wfile.write(body)
+
+            def serve_truncate(self, body):
+                self.head(200, len(body) * 2)
+                self.wfile.write(body)
+
+            def serve_hangup(self):
+                pass  # close without a status line
+
+            def serve_slow(self, seconds, body):
+                time.sleep(seconds)
+                self.serve_ok(body)
+
+            def serve_stall(self, body, seconds):
+                self.head(200, len(body))
+                self.wfile.write(body[:1000])
+                self.wfile.flush()
+                time.sleep(seconds)
+
+            def serve_endless(self):
+                self.head(200, None)
+                for _ in range(1000):  # 64 MB at most, should the client never stop
+                    self.wfile.write(bytes(1 << 16))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def url(self, path: str, *script: tuple) -> str:
+        if script:
+            self.scripts[path] = list(script)
+        return self.base + path
+
+
+# --- Obeying file permissions as root -----------------------------------------------------
+
+# Root ignores file permissions through two capabilities; drop them to test read-only folders.
+CAP_DAC_OVERRIDE = 1
+
+
+CAP_DAC_READ_SEARCH = 2
+
+
+PR_CAPBSET_DROP = 24
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def drop_root_file_override() -> None:
+    """``preexec_fn``: the child (and what it execs) obeys file permissions even as root."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+@contextlib.contextmanager
+def obeying_file_permissions() -> Iterator[None]:
+    """Within the block, this thread obeys file permissions even as root.
+
+    Capabilities belong to a thread: dropping CAP_DAC_OVERRIDE from this thread's effective
+    set (it stays permitted, so it can come back) leaves the rest of the process alone.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    saved = data[0].effective
+    data[0].effective = saved & ~((1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH))
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(header), data)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """``folder`` made read-only (0o555) for the block, then writable again."""
+    folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        folder.chmod(0o755)
+
+
+def require_read_only(folder: Path, *, in_child: bool) -> None:
+    """Skip unless writing into ``folder`` is refused here (the way the test will write)."""
+    probe = folder / "probe"
+    if in_child:
+        done = subprocess.run(
+            [sys.executable, "-c", f"open({str(probe)!r}, 'w')"],
+            preexec_fn=drop_root_file_override,
+            capture_output=True,
+        )
+        refused = done.returncode != 0
+    else:
+        with obeying_file_permissions():
+            try:
+                probe.write_text("x")
+                refused = False
+            except PermissionError:
+                refused = True
+    if not refused:
+        probe.unlink(missing_ok=True)
+        pytest.skip(f"cannot make {folder} read-only here")
+
+
+# --- A team on 127.0.0.1: S3, an MLflow server, clones ------------------------------------
+
+BUCKET = "team-bucket"
+
+
+DVC_REMOTE = f"s3://{BUCKET}/dvc"
+
+
+ARTIFACTS = f"s3://{BUCKET}/mlartifacts"
+
+
+# moto takes any credentials; these stand for secrets that must never reach git.
+S3_KEY_ID = "team-test-key-id"
+
+
+S3_SECRET = "team-test-secret-do-not-commit"
+
+
+USERS = {"alice": "alice-password-0123", "bob": "bob-password-4567"}
+
+
+ADMIN_PASSWORD = team_up.generated_password()
+
+
+EPOCHS = 1
+
+
+MODEL_NAME = "digits-cnn"
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    """A user's shell: this environment without MLflow, AWS or DVC settings, the venv first."""
+    env = team_up.clean_environment()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "true"
+    env.update(extra)
+    return env
+
+
+def run_command(
+    cwd: Path, *command: str, env: dict[str, str], check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in ``cwd``; with ``check``, fail the test showing its output's end."""
+    done = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        output = (done.stdout + done.stderr)[-4000:]
+        assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}:\n{output}"
+    return done
+
+
+@dataclass(frozen=True)
+class S3Store:
+    endpoint: str
+    bucket: str
+    key_id: str = S3_KEY_ID
+    secret: str = field(default=S3_SECRET, repr=False)
+
+    def keys(self, prefix: str = "") -> set[str]:
+        """Every object key under ``prefix`` in the bucket."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.key_id,
+            aws_secret_access_key=self.secret,
+            region_name="us-east-1",
+        )
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+@dataclass(frozen=True)
+class TrackingServer:
+    url: str
+    workdir: Path
+    backend_store_uri: str
+
+    def env(self, user: str, password: str | None = None) -> dict[str, str]:
+        """What a client sets to log to this server as ``user``: no S3 credentials."""
+        return {
+            "MLFLOW_TRACKING_URI": self.url,
+            "MLFLOW_TRACKING_USERNAME": user,
+            "MLFLOW_TRACKING_PASSWORD": USERS[user] if password is None else password,
+        }
+
+    @contextmanager
+    def client(self, user: str) -> Iterator[object]:
+        """An ``MlflowClient`` of this server, authenticated as ``user`` inside the block."""
+        import mlflow
+
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in self.env(user).items():
+                patch.setenv(key, value)
+            yield mlflow.MlflowClient(tracking_uri=self.url)
+
+
+@dataclass(frozen=True)
+class Clone:
+    """A working copy of the project and the environment its user runs commands in."""
+
+    path: Path
+    env: dict[str, str] = field(repr=False)
+
+    def run(self, *command: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        return run_command(self.path, *command, env={**self.env, **env}, check=check)
+
+    def out(self, *command: str) -> str:
+        return self.run(*command).stdout
+
+
+def new_project(path: Path, server: TrackingServer, user: str) -> Clone:
+    """The project in a new git repository, one epoch, logging to ``server`` as ``user``."""
+    path.mkdir(parents=True, exist_ok=True)
+    copy_project(path)
+    set_params(path, epochs=EPOCHS)
+    # One epoch is not the real thing: let any model become champion and pass parity.
+    set_params(path, "export", accuracy_floor=0.0, int8_max_accuracy_drop=1.0)
+    clone = Clone(path, base_env(**server.env(user)))
+    clone.run("git", "init", "-q", "-b", "main")
+    set_git_user(clone, user)
+    return clone
+
+
+def set_git_user(clone: Clone, user: str) -> None:
+    clone.run("git", "config", "user.name", user)
+    clone.run("git", "config", "user.email", f"{user}@example.invalid")
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs (Debian keeps them off PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def postgres_driver() -> str | None:
+    """The PostgreSQL driver installed for SQLAlchemy (uv.lock has psycopg 3)."""
+    return next((name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name)), None)
+
+
+def postgres_missing() -> str | None:
+    """Why no PostgreSQL server can be started here; None if one can."""
+    if postgres_driver() is None:
+        return "no PostgreSQL driver (psycopg or psycopg2) is installed: uv sync"
+    if postgres_bin() is None:
+        return "PostgreSQL is not installed (no initdb): apt-get install postgresql"
+    return None

@@ -1,0 +1,344 @@
+"""End to end: the real `dvc repro` and `dvc exp run` on a copy of the project in a git repo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from classifier.data.dataset import read_image_set
+from classifier.model.files import load_model
+from classifier.serving.pyfunc import probabilities_of
+from tests.helpers import (
+    STAGES,
+    copy_project,
+    init_git,
+    make_image_folder,
+    run_ok,
+    set_params,
+    stages_run,
+)
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git repository holding the project, after one `dvc repro`."""
+    repo = tmp_path_factory.mktemp("project")
+    copy_project(repo)
+    set_params(repo, epochs=EPOCHS)
+    # One or two epochs are not the real thing: weak models have many borderline images.
+    set_params(repo, "export", accuracy_floor=0.5, int8_max_accuracy_drop=0.05)
+    init_git(repo)
+    output = run_ok(repo, "dvc", "repro")
+    assert stages_run(output) == STAGES
+    first = tmp_path_factory.mktemp("first-run")
+    for name in [*REPRODUCED, "models/model.keras"]:
+        (first / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, first / name)
+    FIRST_RUN[repo] = first
+    return repo
+
+
+# Where the repo fixture keeps the outputs of its first `dvc repro`.
+FIRST_RUN: dict[Path, Path] = {}
+# What must come out identical whenever the same code, params and data run again.
+REPRODUCED = [
+    "metrics/train.json",
+    "metrics/evaluate.json",
+    "plots/history.csv",
+    "plots/evaluate/confusion.csv",
+    "plots/evaluate/calibration.csv",
+]
+
+
+def client(repo: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_by_name(repo: Path) -> dict:
+    experiment = client(repo).get_experiment_by_name("image-classification")
+    return {r.info.run_name: r for r in client(repo).search_runs([experiment.experiment_id])}
+
+
+def test_repro_writes_every_output_and_metric(repo):
+    for path in (
+        "data/raw/pool/images.npy",
+        "data/prepared/test/images.npy",
+        "data/prepared/classes.json",
+        "reports/data.md",
+        "models/model.keras",
+        "plots/history.csv",
+        "plots/evaluate/confusion.csv",
+        "plots/evaluate/misclassified.png",
+    ):
+        assert (repo / path).is_file(), path
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(evaluation) == {
+        "loss",
+        "accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "ece",
+        "top3_accuracy",
+    }
+    assert evaluation["accuracy"] > 0.75  # two epochs; ten classes
+    data = json.loads((repo / "metrics/data.json").read_text())
+    assert data["images"] == {"train": 1257, "val": 270, "test": 270}
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+
+
+def test_repro_tracks_a_finished_run_with_params_epochs_and_commit(repo):
+    run_id = json.loads((repo / "lineage/train_run.json").read_text())["run_id"]
+    tracked = client(repo).get_run(run_id)
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["train.epochs"] == str(EPOCHS)
+    head = run_ok(repo, "git", "rev-parse", "HEAD").strip()
+    assert tracked.data.tags["mlflow.source.git.commit"] == head
+    assert len(client(repo).get_metric_history(run_id, "val_accuracy")) == EPOCHS
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    # Artifacts land beside the store, not in the working directory's default place.
+    assert (repo / "mlartifacts").is_dir()
+
+
+def test_repro_registers_the_model_under_its_alias_predicting_like_the_saved_one(repo):
+    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    run_id = json.loads((repo / "lineage/train_run.json").read_text())["run_id"]
+    assert {k: record[k] for k in ("name", "version", "alias", "run_id", "model_uri")} == {
+        "name": "digits-cnn",
+        "version": 1,
+        "alias": "champion",
+        "run_id": run_id,
+        "model_uri": "models:/digits-cnn/1",
+    }
+    assert record["decision"]["reason"].startswith("first model to clear the floor")
+    assert json.loads((repo / "metrics/promotion.json").read_text())["promoted"] is True
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model("models:/digits-cnn@champion")
+    images = read_image_set(repo / "data/prepared/test").images
+    np.testing.assert_allclose(
+        probabilities_of(served.predict(images)),
+        load_model(str(repo / "models/model.keras")).predict(images, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_lineage_walks_from_the_champion_to_its_run_commit_data_hashes_and_params(repo):
+    registry = client(repo)
+    version = registry.get_model_version_by_alias("digits-cnn", "champion")
+    tracked = registry.get_run(version.run_id)
+    tags = tracked.data.tags
+    head = run_ok(repo, "git", "rev-parse", "HEAD").strip()
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["git.dirty"] == "false"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
+    for dep in lock["deps"]:
+        assert tags[f"dvc.train.dep.{dep['path']}"] == dep["md5"], dep["path"]
+    model_md5 = next(o["md5"] for o in lock["outs"] if o["path"] == "models/model.keras")
+    assert tags["dvc.train.out.models/model.keras"] == model_md5
+    # The registered model holds exactly the file DVC tracks.
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/digits-cnn/{version.version}"))
+    registered_keras = next(local.glob("artifacts/*.keras"))
+    assert hashlib.md5(registered_keras.read_bytes()).hexdigest() == model_md5
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert tracked.data.params["train.epochs"] == str(params["train"]["epochs"])
+    assert tracked.data.params["preprocess.seed"] == str(params["preprocess"]["seed"])
+    inputs = {d.dataset.name for d in tracked.inputs.dataset_inputs}
+    assert inputs == {"digits-train", "digits-val", "digits-test"}
+
+
+def test_a_second_repro_runs_nothing(repo):
+    output = run_ok(repo, "dvc", "repro")
+    assert stages_run(output) == []
+    assert "Data and pipelines are up to date" in output
+
+
+def test_changing_epochs_reruns_train_evaluate_export_and_recovers_from_a_sigkill(repo):
+    set_params(repo, epochs=1)
+    kill_during(repo, "train: MLflow run", settle=0.5)  # SIGKILL dvc and train mid-run
+    output = run_ok(repo, "dvc", "repro")
+    assert stages_run(output) == ["train", "evaluate", "export"]
+    assert "Data and pipelines are up to date" in run_ok(repo, "dvc", "status")
+    assert running_runs(repo) == []  # the killed run was closed KILLED
+    # One epoch is worse than two: registered, but the champion stays where it was.
+    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    assert (record["version"], record["alias"]) == (2, "challenger")
+    champion = client(repo).get_model_version_by_alias("digits-cnn", "champion")
+    assert int(champion.version) == 1
+
+
+def test_exp_run_shows_in_exp_show_names_its_run_and_reproduces_the_first_bit_for_bit(repo):
+    run_ok(repo, "git", "add", "-A")
+    run_ok(repo, "git", "commit", "-qm", "one epoch baseline")
+    output = run_ok(repo, "dvc", "exp", "run", "-n", "two-epochs", "-S", f"train.epochs={EPOCHS}")
+    assert stages_run(output) == ["train", "evaluate", "export"]
+
+    shown = json.loads(run_ok(repo, "dvc", "exp", "show", "--json"))
+    experiments = {
+        rev["name"]: rev["data"]
+        for baseline in shown
+        for group in baseline.get("experiments") or []
+        for rev in group["revs"]
+    }
+    data = experiments["two-epochs"]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == EPOCHS
+    accuracy = data["metrics"]["metrics/evaluate.json"]["data"]["accuracy"]
+
+    tracked = runs_by_name(repo)["two-epochs"]
+    assert tracked.data.tags["dvc.exp_name"] == "two-epochs"
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+
+    # From the experiment's commit to its run and registered version.
+    rev = next(
+        rev["rev"]
+        for baseline in shown
+        for group in baseline.get("experiments") or []
+        for rev in group["revs"]
+        if rev["name"] == "two-epochs"
+    )
+    # Same code, params (two epochs) and data as the first `dvc repro`: same bits.
+    first = FIRST_RUN[repo]
+    for name in REPRODUCED:
+        assert (repo / name).read_text() == (first / name).read_text(), name
+    first_weights = load_model(str(first / "models/model.keras")).get_weights()
+    again = load_model(str(repo / "models/model.keras")).get_weights()
+    for a, b in zip(first_weights, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    train_run = json.loads(run_ok(repo, "git", "show", f"{rev}:lineage/train_run.json"))
+    assert train_run["run_id"] == tracked.info.run_id
+    registered = json.loads(run_ok(repo, "git", "show", f"{rev}:lineage/registered_model.json"))
+    version = client(repo).get_model_version("digits-cnn", str(registered["version"]))
+    assert version.run_id == tracked.info.run_id
+
+
+def test_repro_trains_on_a_folder_of_rgb_photos_at_64x64(tmp_path_factory):
+    """The same pipeline, pointed by params alone at two classes of mixed-format photos."""
+    repo = tmp_path_factory.mktemp("photos-project")
+    photos = tmp_path_factory.mktemp("photos")
+    make_image_folder(photos, per_class=40, broken=True)
+    copy_project(repo)
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params["data"].update(source="folder", path=str(photos))
+    params["preprocess"].update(
+        image_height=64,
+        image_width=64,
+        channels=3,
+        resize="pad",
+        max_skipped_fraction=0.05,
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
+    params["train"].update(epochs=4, batch_size=16)
+    params["export"]["model_name"] = "pets-cnn"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    init_git(repo)
+
+    assert stages_run(run_ok(repo, "dvc", "repro")) == STAGES
+    test = read_image_set(repo / "data/prepared/test")
+    assert test.image_shape == (64, 64, 3)
+    assert test.class_names == ("cats", "dogs")
+    assert json.loads((repo / "metrics/data.json").read_text())["skipped_files"] == 3
+    model = load_model(str(repo / "models/model.keras"))
+    assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 2)
+    # Bright left half versus bright right half: four epochs separate them.
+    assert json.loads((repo / "metrics/evaluate.json").read_text())["accuracy"] >= 0.8
+    assert json.loads((repo / "lineage/registered_model.json").read_text())["name"] == "pets-cnn"
+
+
+def test_a_temporary_experiment_logs_to_the_projects_own_store(repo):
+    """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; its run must not vanish."""
+    output = run_ok(repo, "dvc", "exp", "run", "--temp", "-n", "temp-run", "-S", "train.epochs=1")
+    assert "Ran experiment(s): temp-run" in output
+    tracked = runs_by_name(repo)["temp-run"]
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.tags["dvc.exp_name"] == "temp-run"
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_a_queued_experiment_logs_to_the_projects_own_store(repo):
+    """`dvc exp run --queue` + `dvc queue start` run in a temporary copy, like --temp."""
+    run_ok(repo, "dvc", "exp", "run", "--queue", "-n", "queued-run", "-S", "train.epochs=1")
+    run_ok(repo, "dvc", "queue", "start")
+    deadline = time.monotonic() + 600
+    while True:
+        status = run_ok(repo, "dvc", "queue", "status")
+        line = next(line for line in status.splitlines() if "queued-run" in line)
+        if "Success" in line or "Failed" in line:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert "Success" in line, run_ok(repo, "dvc", "queue", "logs", "queued-run")
+    tracked = runs_by_name(repo)["queued-run"]
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.tags["dvc.exp_name"] == "queued-run"
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def kill_during(repo: Path, marker: str, settle: float) -> None:
+    """Start `dvc repro`; SIGKILL it and its stage ``settle`` s after a line with ``marker``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "true"
+    process = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    else:
+        pytest.fail(f"no line with {marker!r}:\n{''.join(seen)[-3000:]}")
+    time.sleep(settle)
+    assert process.poll() is None, f"dvc repro ended before the kill:\n{''.join(seen)}"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def running_runs(repo: Path) -> list[str]:
+    experiment = client(repo).get_experiment_by_name("image-classification")
+    runs = client(repo).search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
+    )
+    return [r.info.run_id for r in runs]
+
+
+def test_sigkill_during_export_then_repro_recovers_and_keeps_the_champion(repo):
+    champion = client(repo).get_model_version_by_alias("digits-cnn", "champion").version
+    set_params(repo, "export", promotion_margin=0.5)  # only export reruns; never promotes
+    kill_during(repo, "export: exporting saved_model", settle=0.5)
+    output = run_ok(repo, "dvc", "repro")
+    assert stages_run(output) == ["export"]
+    assert "Data and pipelines are up to date" in run_ok(repo, "dvc", "status")
+    assert running_runs(repo) == []
+    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    assert record["alias"] == "challenger"
+    assert client(repo).get_model_version_by_alias("digits-cnn", "champion").version == champion

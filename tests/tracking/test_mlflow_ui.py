@@ -1,0 +1,141 @@
+"""The MLflow UI as a person browsing it would see it: a real `mlflow ui` on 127.0.0.1."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from classifier.config import EvaluateParams, ExportParams
+from stages import evaluate, export
+from stages.export import ExportOutputs
+from tests.helpers import TEST_EXPERIMENT, TRAIN_EPOCHS, free_port
+
+pytestmark = pytest.mark.slow
+MODEL_NAME = "ui-test-cnn"
+STARTUP_SECONDS = 90
+
+
+@pytest.fixture(scope="module")
+def ui(trained, tmp_path_factory):
+    """A store with an evaluated, exported run, served by `mlflow ui` as `make ui` does."""
+    out = tmp_path_factory.mktemp("ui")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", trained.store_uri)
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
+        evaluate.run(
+            EvaluateParams(batch_size=256),
+            data_dir=trained.data_dir,
+            model_path=trained.model_path,
+            run_info_path=trained.run_info_path,
+            history_path=trained.history_path,
+            metrics_path=out / "evaluate.json",
+            plots_dir=out / "plots",
+        )
+        export.run(
+            ExportParams(
+                model_name=MODEL_NAME,
+                accuracy_floor=0.0,
+                promotion_margin=0.0,
+                int8_max_accuracy_drop=1.0,
+            ),
+            resize="stretch",
+            data_dir=trained.data_dir,
+            model_path=trained.model_path,
+            run_info_path=trained.run_info_path,
+            outputs=ExportOutputs(
+                formats=out / "formats",
+                format_metrics=out / "formats.json",
+                registered=out / "registered.json",
+                decision=out / "decision.json",
+            ),
+        )
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            trained.store_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("mlflow ui did not start") from None
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def get(base: str, route: str, **query) -> bytes:
+    url = f"{base}{route}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def api(base: str, endpoint: str, body: dict | None = None, **query) -> dict:
+    if body is None:
+        return json.loads(get(base, f"/api/2.0/mlflow/{endpoint}", **query))
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_ui_shows_the_run_with_params_metrics_and_history(ui, trained):
+    experiment = api(ui, "experiments/get-by-name", experiment_name=TEST_EXPERIMENT)["experiment"]
+    runs = api(ui, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    run = next(r for r in runs if r["info"]["run_id"] == trained.result.run_id)
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.epochs"] == str(TRAIN_EPOCHS)
+    metrics = {m["key"] for m in run["data"]["metrics"]}
+    assert {"val_accuracy", "test_accuracy", "test_macro_f1", "test_ece"} <= metrics
+    history = api(
+        ui, "metrics/get-history", run_id=trained.result.run_id, metric_key="val_accuracy"
+    )
+    assert [m["step"] for m in history["metrics"]] == list(range(1, TRAIN_EPOCHS + 1))
+
+
+def test_the_ui_serves_the_evaluation_pictures(ui, trained):
+    listed = api(ui, "artifacts/list", run_id=trained.result.run_id, path="evaluation")
+    names = {f["path"] for f in listed["files"]}
+    assert {"evaluation/confusion.png", "evaluation/misclassified.png"} <= names
+    picture = get(
+        ui, "/get-artifact", path="evaluation/confusion.png", run_uuid=trained.result.run_id
+    )
+    assert picture.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_ui_shows_the_registered_model_with_its_alias(ui, trained):
+    model = api(ui, "registered-models/get", name=MODEL_NAME)["registered_model"]
+    aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
+    assert aliases == {"champion": "1"}
+    version = api(ui, "model-versions/get", name=MODEL_NAME, version="1")["model_version"]
+    assert version["run_id"] == trained.result.run_id
+    tags = {t["key"]: t["value"] for t in version.get("tags", [])}
+    assert tags["promotion.decision"] == "champion"
