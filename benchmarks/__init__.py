@@ -1,7 +1,15 @@
 """Benchmarks, run by hand or by `make bench`; every figure is a ratio against a baseline run
-side by side in the same invocation, because these machines are shared and noisy."""
+side by side in the same invocation, because these machines are shared and noisy.
 
+One module per benchmark, each run as ``python -m benchmarks.<name>`` (``--help`` says what
+it measures): ingest, mnist, train, inference, pyfunc, server, overhead; then summary,
+which sets the performance targets against their latest results.
+"""
+
+import contextlib
 import json
+from collections.abc import Iterable, Sequence
+from importlib import metadata
 from pathlib import Path
 
 RESULTS_DIR = Path("benchmarks/results")
@@ -18,3 +26,22 @@ def write_results(name: str, summary: dict) -> Path:
 def report(name: str, summary: dict) -> None:
     """Print a benchmark's summary and keep it as benchmarks/results/<name>.json."""
     print(write_results(name, summary).read_text(), end="")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; columns of figures right-aligned, the others left."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    figures = [all(row[column][:1].isdigit() for row in cells) for column in range(len(header))]
+    rule = "|" + "|".join("---:" if figure else "---" for figure in figures) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def package_versions(packages: Iterable[str]) -> dict[str, str]:
+    """The installed version of each of ``packages`` that is installed."""
+    found = {}
+    for package in packages:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found

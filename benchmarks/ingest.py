@@ -3,7 +3,9 @@
 Generates a folder of JPEG photos of mixed sizes, then times, each in a fresh process so
 peak memory is its own: (a) the baseline a user would write, which opens every file with
 PIL, converts and resizes it and collects the arrays in a list; (b) the pipeline's
-download and preprocess stages. Prints and writes images/s and peak RSS for both.
+download and preprocess stages. Checks that each wrote every photo at the target size,
+then prints and writes (benchmarks/results/ingest.json) images/s and peak RSS for both,
+and the speedup: the baseline's seconds over the pipeline's.
 
     python -m benchmarks.ingest --images 3000 --size 64
 """
@@ -38,15 +40,21 @@ np.save(Path(sys.argv[3]) / "images.npy", np.stack(images))
 PIPELINE = """
 import sys, yaml
 from pathlib import Path
+from classifier.config import parse_params
 from stages import download, preprocess
-from stages.config import parse_params
 root, size, out = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 raw = yaml.safe_load(Path("params.yaml").read_text())
 raw["data"].update(source="folder", path=str(root))
 raw["preprocess"].update(image_height=size, image_width=size, channels=3)
 params = parse_params(raw)
-download.run(params.data, out / "raw")
-preprocess.run(params.preprocess, out / "raw", out / "prepared", out / "data.json", out / "data.md")
+download.run(params.data, out_dir=out / "raw")
+preprocess.run(
+    params.preprocess,
+    raw_dir=out / "raw",
+    out_dir=out / "prepared",
+    metrics_path=out / "data.json",
+    report_path=out / "data.md",
+)
 """
 
 
@@ -82,9 +90,25 @@ def timed(script: str, *args: str) -> dict[str, float]:
     return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
+def images_written(name: str, out: Path) -> tuple[int, ...]:
+    """The shape of everything ``name`` (pipeline or baseline) wrote under ``out``:
+    (images, height, width, channels), all splits together for the pipeline."""
+    if name == "baseline":
+        return tuple(np.load(out / "images.npy", mmap_mode="r").shape)
+    from classifier.data.dataset import read_splits
+
+    splits = read_splits(out / "prepared").values()
+    shapes = {split.image_shape for split in splits}
+    if len(shapes) != 1:
+        raise SystemExit(f"the pipeline wrote splits of different image shapes: {shapes}")
+    return (sum(len(split.labels) for split in splits), *shapes.pop())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.ingest", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.ingest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--images", type=int, default=3000, help="photos to generate")
     parser.add_argument("--size", type=int, default=64, help="target height and width")
@@ -98,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(work) / name
             out.mkdir()
             results[name] = timed(script, str(photos), str(args.size), str(out))
+            # Both sides must have done the whole job: every photo, at the target size.
+            shape, expected = images_written(name, out), (args.images, args.size, args.size, 3)
+            if shape != expected:
+                raise SystemExit(f"{name} wrote images of shape {shape}, expected {expected}")
             results[name]["images_per_second"] = args.images / results[name]["seconds"]
     summary = {
         "images": args.images,

@@ -12,6 +12,7 @@ reports test accuracy on MNIST's own 10,000 test digits with the time of each st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -27,7 +28,9 @@ SHARED_MNIST = Path("../shared/data/mnist")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.mnist", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.mnist",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=SHARED_MNIST, help="folder of IDX files")
     parser.add_argument("--epochs", type=int, default=10)
@@ -41,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="override a params.yaml value, as dvc exp run -S does (repeatable)",
     )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="keep the stages' outputs (prepared data, model/, plots/, mlflow.db) in this "
+        "folder; default: a temporary folder, removed at the end",
+    )
     args = parser.parse_args(argv)
 
+    from classifier.config import parse_params
     from stages import download, evaluate, preprocess, train
-    from stages.config import parse_params
 
     raw = yaml.safe_load(Path("params.yaml").read_text())
     raw["data"].update(source="idx_dir", path=str(args.data.resolve()))
@@ -60,36 +69,38 @@ def main(argv: list[str] | None = None) -> int:
     params = parse_params(raw, "params.yaml (benchmark overrides)")
 
     seconds = {}
-    with tempfile.TemporaryDirectory() as work:
-        root = Path(work)
+    with contextlib.ExitStack() as stack:
+        if args.work_dir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            root = args.work_dir.resolve()
+            root.mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+        outputs = train.TrainOutputs.under(root / "model")
         started = time.perf_counter()
-        download.run(params.data, root / "raw")
+        download.run(params.data, out_dir=root / "raw")
         seconds["download"] = time.perf_counter() - started
         started = time.perf_counter()
         preprocess.run(
-            params.preprocess, root / "raw", root / "prepared", root / "data.json", root / "data.md"
+            params.preprocess,
+            raw_dir=root / "raw",
+            out_dir=root / "prepared",
+            metrics_path=root / "data.json",
+            report_path=root / "data.md",
         )
         seconds["preprocess"] = time.perf_counter() - started
         started = time.perf_counter()
-        result = train.run(
-            params,
-            root / "prepared",
-            root / "model.keras",
-            root / "history.csv",
-            root / "train.json",
-            root / "run.json",
-        )
+        result = train.run(params, data_dir=root / "prepared", outputs=outputs)
         seconds["train"] = time.perf_counter() - started
         started = time.perf_counter()
         metrics = evaluate.run(
             params.evaluate,
-            root / "prepared",
-            root / "model.keras",
-            root / "run.json",
-            root / "history.csv",
-            root / "evaluate.json",
-            root / "plots",
+            data_dir=root / "prepared",
+            model_path=outputs.model,
+            run_info_path=outputs.run_info,
+            history_path=outputs.history,
+            metrics_path=root / "evaluate.json",
+            plots_dir=root / "plots",
             lock_path=root / "dvc.lock",  # none: no DVC here
         )
         seconds["evaluate"] = time.perf_counter() - started

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks import report
 
-STAGE_MODULES = ("download", "preprocess", "train", "evaluate", "export", "predict", "compare")
+STAGE_MODULES = ("download", "preprocess", "train", "evaluate", "export")  # dvc.yaml's
 HEAVY = ("tensorflow", "keras", "mlflow", "pandas", "sklearn", "matplotlib")
 NO_OP_TARGET_S = 1.0
 PROBE = (
@@ -45,7 +45,9 @@ def timed(command: Sequence[str], cwd: Path, env: dict[str, str]) -> tuple[float
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0]
+        prog="python -m benchmarks.overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--project", type=Path, default=Path.cwd(), help="an up-to-date project")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each measurement")

@@ -86,9 +86,9 @@ def _no_op_repro(overhead: dict) -> Row:
     return target, f"{seconds} s (median of {overhead['repeats']})", seconds <= NO_OP_REPRO_TARGET_S
 
 
-def _inference(serving: dict) -> Row:
+def _inference(inference: dict) -> Row:
     target = f"batch inference >= {INFERENCE_TARGET}x Keras `predict`, fastest exported format"
-    fastest = serving["throughput"]["fastest_exported_format"]
+    fastest = inference["fastest_exported_format"]
     measured = ", ".join(
         f"batch {batch}: {best['runner']} {best['ratio']}x" for batch, best in fastest.items()
     )
@@ -98,7 +98,7 @@ def _inference(serving: dict) -> Row:
 def _parameters(run: dict) -> int:
     """The model's parameter count: recorded by benchmarks.mnist, else built to count."""
     if "parameters" not in run:
-        from stages.model import build_model
+        from classifier.model.architectures import build_model
 
         run["parameters"] = build_model(run["architecture"], (28, 28, 1), 10).count_params()
     return run["parameters"]
@@ -132,7 +132,7 @@ CHECKS: tuple[tuple[str, Callable[[dict], Row]], ...] = (
     ("train", _time_to_99),
     ("train", _tracking),
     ("overhead", _no_op_repro),
-    ("serving", _inference),
+    ("inference", _inference),
 )
 
 
@@ -167,7 +167,9 @@ def markdown(found: list[tuple[str, str, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
-        prog="python -m benchmarks.summary", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.summary",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     ).parse_args(argv)
     table = markdown(rows())
     benchmarks.RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ TensorFlow, interleaved round by round:
   Adam 1e-3, sparse cross-entropy, ``model.fit(shuffle=True, validation_data=...)``;
 - ``stage``: ``stages.train.run`` with the project's params (same epochs and batch),
   tracked to an MLflow sqlite store in a temporary folder;
-- ``stage_untracked``: the same with every ``stages.tracking`` call replaced by a no-op;
+- ``stage_untracked``: the same with every ``classifier.tracking.runs`` call the stage makes
+  replaced by a no-op;
 - ``stage_float32``: ``stage`` with ``train.precision: float32`` (the pipeline's own cost,
   without the bfloat16 speedup);
 - ``stage_one_step``: ``stage`` with ``train.steps_per_execution: 1`` (without the
@@ -38,6 +39,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -66,7 +68,7 @@ TRACKING_CALLS = (
 
 def load_mnist(folder: Path, subset: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """MNIST as uint8 (N, 28, 28, 1) images and int64 labels: train, val and test."""
-    from stages.idx import read_idx
+    from classifier.data.idx import read_idx
 
     def pair(prefix: str) -> tuple[np.ndarray, np.ndarray]:
         images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")[..., None]
@@ -164,10 +166,12 @@ def pipeline_stage(data: dict, variant: str, train_overrides: dict, work: Path) 
     """``stages.train.run`` on the data written as prepared splits in ``work``."""
     import yaml
 
-    from stages import tracking, train
-    from stages.atomic import write_json
-    from stages.config import parse_params
-    from stages.dataset import CLASSES_FILE, ImageSet, write_image_set
+    from classifier.atomic import write_json
+    from classifier.config import parse_params
+    from classifier.data.dataset import CLASSES_FILE, ImageSet, write_image_set
+    from classifier.tracking import runs, store
+    from classifier.training.precision import resolve_precision
+    from stages import train
 
     classes = tuple(str(digit) for digit in range(10))
     prepared = work / "prepared"
@@ -183,41 +187,51 @@ def pipeline_stage(data: dict, variant: str, train_overrides: dict, work: Path) 
     os.environ["MLFLOW_EXPERIMENT_NAME"] = "benchmark"
     spent = {"seconds": 0.0}
     if variant == "stage_untracked":
-        for name in TRACKING_CALLS:
-            setattr(tracking, name, lambda *args, **kwargs: None)
-        tracking.training_run = _untracked_run
+        replacements = untracked_calls()
     else:
-        tracking.connect()  # creates the store: once per project, not per run
-        _time_tracking_calls(tracking, spent)
+        store.connect()  # creates the store: once per project, not per run
+        replacements = timed_tracking_calls(spent)
 
     clock = epoch_clock(data["test"], None)
-    train.run(
-        params,
-        prepared,
-        work / "model.keras",
-        work / "history.csv",
-        work / "train.json",
-        work / "run.json",
-        checkpoint_dir=work / "checkpoint",
-        callbacks=[clock],
-    )
+    with patched(runs, replacements):
+        train.run(
+            params,
+            data_dir=prepared,
+            outputs=train.TrainOutputs.under(work / "model"),
+            callbacks=[clock],
+        )
     seconds = clock.training_seconds()
     return {
         "seconds": seconds,
         "tracking_seconds": spent.pop("seconds"),
         "tracking_seconds_by_call": {name: round(value, 3) for name, value in spent.items()},
         "epochs": clock.epochs,
-        "precision": train.resolve_precision(params.train.precision),
+        "precision": resolve_precision(params.train.precision),
         "steps_per_execution": params.train.steps_per_execution,
     }
 
 
-def _time_tracking_calls(tracking: object, spent: dict[str, float]) -> None:
-    """Add the time the training thread spends in each ``stages.tracking`` call to ``spent``.
+@contextmanager
+def patched(module: ModuleType, replacements: dict[str, object]) -> Iterator[None]:
+    """Replace attributes of ``module`` for the block, then put the originals back."""
+    originals = {name: getattr(module, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(module, name, value)
+
+
+def timed_tracking_calls(spent: dict[str, float]) -> dict[str, object]:
+    """Stand-ins for the ``classifier.tracking.runs`` functions the train stage calls that
+    add the time the training thread spends in each to ``spent``.
 
     A direct measure of tracking overhead, unlike the difference between two runs of
     20 seconds or more on a shared machine. Opening and closing the run count too.
     """
+    from classifier.tracking import runs
 
     def add(name: str, seconds: float) -> None:
         spent["seconds"] += seconds
@@ -233,9 +247,10 @@ def _time_tracking_calls(tracking: object, spent: dict[str, float]) -> None:
 
         return wrapper
 
-    for name in TRACKING_CALLS:
-        setattr(tracking, name, timed(name, getattr(tracking, name)))
-    opened = tracking.training_run
+    replacements: dict[str, object] = {
+        name: timed(name, getattr(runs, name)) for name in TRACKING_CALLS
+    }
+    opened = runs.training_run
 
     @contextmanager
     def timed_run(*args: object, **kwargs: object) -> Iterator[str]:
@@ -248,13 +263,22 @@ def _time_tracking_calls(tracking: object, spent: dict[str, float]) -> None:
                 started = time.perf_counter()
         add("close_run", time.perf_counter() - started)
 
-    tracking.training_run = timed_run
+    replacements["training_run"] = timed_run
+    return replacements
 
 
-@contextmanager
-def _untracked_run(*args: object, **kwargs: object) -> Iterator[str]:
-    """Stands in for ``tracking.training_run``: no MLflow run at all."""
-    yield "untracked"
+def untracked_calls() -> dict[str, object]:
+    """Stand-ins for every ``classifier.tracking.runs`` function the train stage calls that
+    do nothing: no MLflow run at all."""
+
+    def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    @contextmanager
+    def untracked_run(*args: object, **kwargs: object) -> Iterator[str]:
+        yield "untracked"
+
+    return {**dict.fromkeys(TRACKING_CALLS, nothing), "training_run": untracked_run}
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -427,7 +451,9 @@ def markdown(summary: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--data", type=Path, default=SHARED_MNIST, help="folder of IDX files")
     parser.add_argument("--epochs", type=int, default=8, help="epochs of plain and stage")

@@ -60,6 +60,27 @@ def group_members(leader: int) -> list[int]:
     return sorted(members)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` in the process tree, whatever its group or session."""
+    children: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None:  # fields[1] is the parent's pid
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    return _state(pid) not in (None, ZOMBIE)
+
+
 def _signal_members(leader: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(leader, sig)
@@ -164,7 +185,7 @@ class ProcessGroup:
         """Whether the leader or any living member is left (zombies hold nothing open)."""
         if self.process.poll() is None:  # also reaps the leader once it has exited
             return True
-        return any(_state(pid) not in (None, ZOMBIE) for pid in self.members())
+        return any(alive(pid) for pid in self.members())
 
     def __enter__(self) -> ProcessGroup:
         return self

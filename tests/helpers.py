@@ -193,6 +193,10 @@ def stage_env(store: str | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+# The entry points in tools/ rather than stages/.
+TOOLS = ("compare", "predict", "team_up")
+
+
 def run_cli(
     stage: str,
     *args: object,
@@ -200,9 +204,11 @@ def run_cli(
     timeout: float = 300,
     **popen: Any,
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m stages.<stage> ARGS`` from the project root, output captured."""
+    """``python -m stages.<stage> ARGS`` (or ``tools.<name>``) from the project root, output
+    captured."""
+    package = "tools" if stage in TOOLS else "stages"
     return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}", *map(str, args)],
+        [sys.executable, "-m", f"{package}.{stage}", *map(str, args)],
         cwd=PROJECT_ROOT,
         env=stage_env() if env is None else env,
         capture_output=True,
@@ -263,10 +269,13 @@ def leftovers(folder: Path) -> list[str]:
 
 # --- A copy of the project in a git repository --------------------------------------------
 
+# What a clone of the project holds that a pipeline run needs.
 PROJECT_FILES = [
     "dvc.yaml",
     "params.yaml",
     "stages",
+    "classifier",
+    "tools",
     ".dvc/config",
     ".dvc/.gitignore",
     ".dvcignore",
@@ -690,3 +699,55 @@ def postgres_missing() -> str | None:
     if postgres_bin() is None:
         return "PostgreSQL is not installed (no initdb): apt-get install postgresql"
     return None
+
+
+# --- Load and processes ---------------------------------------------------------------------
+
+BUSY_LOOP = "while True: pass"
+
+
+@contextmanager
+def cpu_burner(processes: int = 2) -> Iterator[None]:
+    """Keep ``processes`` cores busy for the block: a test of behaviour under load."""
+    from classifier.processes import ProcessGroup
+
+    burners = [
+        ProcessGroup.start("CPU burner", [sys.executable, "-c", BUSY_LOOP])
+        for _ in range(processes)
+    ]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.stop(grace=1)
+
+
+def clone_repo(source: Path, dest: Path) -> Path:
+    """A copy of a project repository after a run, sharing nothing with ``source``.
+
+    Git, DVC's cache, the outputs and the MLflow store are copied; the store's recorded
+    absolute paths (artifact locations, model sources) are moved to the copy, so runs and
+    models logged in one never land in the other. Lets a test change a pipeline that
+    another built, without a run of its own and without touching anyone else's.
+    """
+    import sqlite3
+
+    shutil.copytree(source, dest, symlinks=True, dirs_exist_ok=True)
+    database = dest / "mlflow.db"
+    if database.exists():
+        old, new = f"{Path(source).resolve()}/", f"{Path(dest).resolve()}/"
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            tables = [
+                row[0] for row in db.execute("select name from sqlite_master where type='table'")
+            ]
+            for table in tables:
+                for column in db.execute(f"pragma table_info('{table}')").fetchall():
+                    name, kind = column[1], column[2].upper()
+                    if "CHAR" in kind or "TEXT" in kind:
+                        db.execute(
+                            f'update "{table}" set "{name}" = replace("{name}", ?, ?) '
+                            f'where "{name}" like ?',
+                            (old, new, f"%{old}%"),
+                        )
+            db.commit()
+    return dest

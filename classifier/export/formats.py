@@ -24,6 +24,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -199,10 +200,19 @@ def _dequantised(values: np.ndarray, detail: Mapping) -> np.ndarray:
     return (values.astype(np.float32) - zero_point) * scale
 
 
-def _tflite_runner(fmt: str, path: Path) -> Runner:
-    from ai_edge_litert.interpreter import Interpreter
+def _tflite_runner(
+    fmt: str, path: Path, num_threads: int | None, xnnpack: bool, remember_shape: bool
+) -> Runner:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
+    resolver = (
+        {}
+        if xnnpack
+        else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    )
+    interpreter = Interpreter(
+        model_path=str(path), num_threads=num_threads or os.cpu_count(), **resolver
+    )
     (input_detail,) = interpreter.get_input_details()
     (output_detail,) = interpreter.get_output_details()
     if input_detail["dtype"] != np.uint8 or input_detail["quantization"][0] != 0:
@@ -210,13 +220,18 @@ def _tflite_runner(fmt: str, path: Path) -> Runner:
             f"{fmt}: {path} must take raw uint8 pixels, takes "
             f"{input_detail['dtype'].__name__} quantised as {input_detail['quantization']}"
         )
+    sized_for = [tuple(input_detail["shape"])]
 
     def predict(images: np.ndarray) -> np.ndarray:
         # The interpreter holds one batch size at a time; resize only when it changes.
-        current = interpreter.get_input_details()[0]["shape"]
-        if tuple(current) != images.shape:
+        if remember_shape:
+            current = sized_for[0]
+        else:
+            current = tuple(interpreter.get_input_details()[0]["shape"])
+        if current != images.shape:
             interpreter.resize_tensor_input(input_detail["index"], images.shape, strict=True)
             interpreter.allocate_tensors()
+            sized_for[0] = images.shape
         interpreter.set_tensor(input_detail["index"], images)
         interpreter.invoke()
         return _dequantised(interpreter.get_tensor(output_detail["index"]), output_detail)
@@ -225,10 +240,12 @@ def _tflite_runner(fmt: str, path: Path) -> Runner:
     return _checked(fmt, tuple(int(size) for size in input_detail["shape"][1:]), predict)
 
 
-def _onnx_runner(path: Path) -> Runner:
+def _onnx_runner(path: Path, session_options: Any | None) -> Runner:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(path), session_options, providers=["CPUExecutionProvider"]
+    )
     (model_input,) = session.get_inputs()
 
     def predict(images: np.ndarray) -> np.ndarray:
@@ -237,14 +254,48 @@ def _onnx_runner(path: Path) -> Runner:
     return _checked("onnx", tuple(model_input.shape[1:]), predict)
 
 
-def load_runner(fmt: str, path: Path) -> Runner:
+def load_runner(
+    fmt: str,
+    path: Path,
+    *,
+    num_threads: int | None = None,
+    xnnpack: bool = True,
+    remember_shape: bool = False,
+    session_options: Any | None = None,
+) -> Runner:
     """A function from a uint8 batch ``(N, H, W, C)`` to float32 probabilities, any N.
 
     keras: safe-mode load; saved_model: its ``serve`` signature; tflite_*: the LiteRT
     interpreter on every CPU; onnx: onnxruntime on the CPU.
+
+    The keyword arguments tune one runtime each; their defaults are what the pipeline uses,
+    and the benchmarks vary them one at a time (benchmarks/inference.py):
+
+    - ``num_threads`` (tflite_*): LiteRT's thread count; None: one per CPU (``os.cpu_count()``).
+    - ``xnnpack`` (tflite_*): False loads the interpreter without its default XNNPACK
+      delegate (``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``).
+    - ``remember_shape`` (tflite_*): True keeps the batch shape the runner last sized the
+      input for, instead of asking the interpreter for it on every call.
+    - ``session_options`` (onnx): an ``onnxruntime.SessionOptions`` for the session;
+      None: onnxruntime's defaults.
+
+    A knob given for a format it does not apply to is an :class:`ExportError`.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}, expected one of {list(FORMATS)}")
+    tflite_knobs = {
+        "num_threads": num_threads is not None,
+        "xnnpack": not xnnpack,
+        "remember_shape": remember_shape,
+    }
+    tflite = fmt.startswith("tflite_")
+    misplaced = [name for name, given in tflite_knobs.items() if given and not tflite]
+    if session_options is not None and fmt != "onnx":
+        misplaced.append("session_options")
+    if misplaced:
+        raise ExportError(f"{fmt}: cannot set {', '.join(misplaced)} for this format")
+    if num_threads is not None and num_threads < 1:
+        raise ExportError(f"{fmt}: num_threads must be at least 1, got {num_threads}")
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{fmt}: {path} does not exist; export the formats first")
@@ -254,8 +305,8 @@ def load_runner(fmt: str, path: Path) -> Runner:
         if fmt == "saved_model":
             return _saved_model_runner(path)
         if fmt == "onnx":
-            return _onnx_runner(path)
-        return _tflite_runner(fmt, path)
+            return _onnx_runner(path, session_options)
+        return _tflite_runner(fmt, path, num_threads, xnnpack, remember_shape)
     except StageError:
         raise
     except Exception as error:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from classifier.errors import StageError
 
@@ -25,6 +28,11 @@ ARTIFACTS_DIR = "mlartifacts"
 # Tracking URIs of a server reached over the network: there epoch metrics are sent
 # asynchronously (see runs.log_epoch).
 REMOTE_SCHEMES = ("http", "https", "databricks")
+# MLflow 3's UI opens an experiment by its kind: model training shows the runs, not traces.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# How long a tracking server may take to answer at all before the pipeline gives up.
+REACHABLE_TIMEOUT_S = 10
 
 
 class TrackingError(StageError):
@@ -117,19 +125,56 @@ def connect() -> str:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     mlflow.set_tracking_uri(uri)
     name = experiment_name()
+    check_reachable(uri)
     with reporting_errors():
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                experiment_id = client.create_experiment(name, _artifact_location(uri))
+                experiment_id = client.create_experiment(
+                    name, _artifact_location(uri), tags={TAG_EXPERIMENT_KIND: MODEL_TRAINING}
+                )
             except MlflowException:
                 # Another run created it between our lookup and create.
                 experiment_id = client.get_experiment_by_name(name).experiment_id
         else:
             experiment_id = experiment.experiment_id
+            if TAG_EXPERIMENT_KIND not in experiment.tags:
+                _mark_model_training(client, experiment_id)
         mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def _mark_model_training(client: Any, experiment_id: str) -> None:
+    """Tag an experiment made before the kind was set; a user without the right may not."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, MODEL_TRAINING)
+    except MlflowException as error:
+        log.info("left experiment %s untagged: %s", experiment_id, root_cause(error))
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, naming ``uri``, when a tracking server does not answer at all.
+
+    MLflow itself retries a refused connection for minutes (with backoff), which is right
+    for a server that blinks mid-run but not for one that is down or mistyped.
+    """
+    scheme = uri.partition(":")[0].lower()
+    if scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered: auth and the rest are MLflow's to report
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise TrackingError(
+            f"MLflow store {uri}: the tracking server does not answer ({reason}); "
+            "is it running, and is MLFLOW_TRACKING_URI right?"
+        ) from None
 
 
 def tracking_server() -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from classifier.model.files import load_model
 from classifier.serving.pyfunc import probabilities_of
 from tests.helpers import (
     STAGES,
+    clone_repo,
     copy_project,
     init_git,
     make_image_folder,
@@ -33,11 +33,15 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 EPOCHS = 2
+QUEUE_DEADLINE_S = 600
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh git repository holding the project, after one `dvc repro`."""
+    """A fresh git repository holding the project, after one `dvc repro`.
+
+    Tests only read it; a test that changes the pipeline does so in its own ``clone``.
+    """
     repo = tmp_path_factory.mktemp("project")
     copy_project(repo)
     set_params(repo, epochs=EPOCHS)
@@ -46,16 +50,15 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init_git(repo)
     output = run_ok(repo, "dvc", "repro")
     assert stages_run(output) == STAGES
-    first = tmp_path_factory.mktemp("first-run")
-    for name in [*REPRODUCED, "models/model.keras"]:
-        (first / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(repo / name, first / name)
-    FIRST_RUN[repo] = first
     return repo
 
 
-# Where the repo fixture keeps the outputs of its first `dvc repro`.
-FIRST_RUN: dict[Path, Path] = {}
+@pytest.fixture
+def clone(repo: Path, tmp_path: Path) -> Path:
+    """This test's own copy of ``repo``: git, DVC cache, outputs and MLflow store."""
+    return clone_repo(repo, tmp_path / "project")
+
+
 # What must come out identical whenever the same code, params and data run again.
 REPRODUCED = [
     "metrics/train.json",
@@ -172,63 +175,64 @@ def test_a_second_repro_runs_nothing(repo):
     assert "Data and pipelines are up to date" in output
 
 
-def test_changing_epochs_reruns_train_evaluate_export_and_recovers_from_a_sigkill(repo):
-    set_params(repo, epochs=1)
-    kill_during(repo, "train: MLflow run", settle=0.5)  # SIGKILL dvc and train mid-run
-    output = run_ok(repo, "dvc", "repro")
+def test_changing_epochs_reruns_train_evaluate_export_and_recovers_from_a_sigkill(clone):
+    set_params(clone, epochs=1)
+    kill_during(clone, "train: MLflow run")  # SIGKILL dvc and train mid-run
+    killed = runs_with_status(clone, "RUNNING")
+    assert len(killed) == 1  # the run the kill left open
+    output = run_ok(clone, "dvc", "repro")
     assert stages_run(output) == ["train", "evaluate", "export"]
-    assert "Data and pipelines are up to date" in run_ok(repo, "dvc", "status")
-    assert running_runs(repo) == []  # the killed run was closed KILLED
+    assert "Data and pipelines are up to date" in run_ok(clone, "dvc", "status")
+    # The next training run found the dead one and closed it KILLED, saying why.
+    assert runs_with_status(clone, "RUNNING") == []
+    closed = client(clone).get_run(killed[0])
+    assert closed.info.status == "KILLED"
+    assert closed.data.tags["process.orphaned"].endswith("ended, run open")
+    assert [r.info.run_id for r in all_runs(clone) if r.info.status == "KILLED"] == killed
     # One epoch is worse than two: registered, but the champion stays where it was.
-    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    record = json.loads((clone / "lineage/registered_model.json").read_text())
     assert (record["version"], record["alias"]) == (2, "challenger")
-    champion = client(repo).get_model_version_by_alias("digits-cnn", "champion")
+    champion = client(clone).get_model_version_by_alias("digits-cnn", "champion")
     assert int(champion.version) == 1
 
 
-def test_exp_run_shows_in_exp_show_names_its_run_and_reproduces_the_first_bit_for_bit(repo):
-    run_ok(repo, "git", "add", "-A")
-    run_ok(repo, "git", "commit", "-qm", "one epoch baseline")
-    output = run_ok(repo, "dvc", "exp", "run", "-n", "two-epochs", "-S", f"train.epochs={EPOCHS}")
-    assert stages_run(output) == ["train", "evaluate", "export"]
+def test_exp_run_shows_in_exp_show_names_its_run_and_reproduces_the_first_bit_for_bit(repo, clone):
+    run_ok(clone, "git", "add", "-A")
+    run_ok(clone, "git", "commit", "-qm", "the first run")
+    # Same code, params and data as the first `dvc repro`: forced to run again.
+    output = run_ok(clone, "dvc", "exp", "run", "--force", "-n", "again")
+    assert stages_run(output) == STAGES
 
-    shown = json.loads(run_ok(repo, "dvc", "exp", "show", "--json"))
-    experiments = {
-        rev["name"]: rev["data"]
+    shown = json.loads(run_ok(clone, "dvc", "exp", "show", "--json"))
+    revisions = {
+        rev["name"]: rev
         for baseline in shown
         for group in baseline.get("experiments") or []
         for rev in group["revs"]
     }
-    data = experiments["two-epochs"]
+    data = revisions["again"]["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == EPOCHS
     accuracy = data["metrics"]["metrics/evaluate.json"]["data"]["accuracy"]
 
-    tracked = runs_by_name(repo)["two-epochs"]
-    assert tracked.data.tags["dvc.exp_name"] == "two-epochs"
+    tracked = runs_by_name(clone)["again"]
+    assert tracked.data.tags["dvc.exp_name"] == "again"
     assert tracked.info.status == "FINISHED"
     assert tracked.data.metrics["test_accuracy"] == pytest.approx(accuracy)
 
-    # From the experiment's commit to its run and registered version.
-    rev = next(
-        rev["rev"]
-        for baseline in shown
-        for group in baseline.get("experiments") or []
-        for rev in group["revs"]
-        if rev["name"] == "two-epochs"
-    )
-    # Same code, params (two epochs) and data as the first `dvc repro`: same bits.
-    first = FIRST_RUN[repo]
+    # The same bits as the first run.
     for name in REPRODUCED:
-        assert (repo / name).read_text() == (first / name).read_text(), name
-    first_weights = load_model(str(first / "models/model.keras")).get_weights()
-    again = load_model(str(repo / "models/model.keras")).get_weights()
+        assert (clone / name).read_text() == (repo / name).read_text(), name
+    first_weights = load_model(str(repo / "models/model.keras")).get_weights()
+    again = load_model(str(clone / "models/model.keras")).get_weights()
     for a, b in zip(first_weights, again, strict=True):
         np.testing.assert_array_equal(a, b)
 
-    train_run = json.loads(run_ok(repo, "git", "show", f"{rev}:lineage/train_run.json"))
+    # From the experiment's commit to its run and registered version.
+    rev = revisions["again"]["rev"]
+    train_run = json.loads(run_ok(clone, "git", "show", f"{rev}:lineage/train_run.json"))
     assert train_run["run_id"] == tracked.info.run_id
-    registered = json.loads(run_ok(repo, "git", "show", f"{rev}:lineage/registered_model.json"))
-    version = client(repo).get_model_version("digits-cnn", str(registered["version"]))
+    registered = json.loads(run_ok(clone, "git", "show", f"{rev}:lineage/registered_model.json"))
+    version = client(clone).get_model_version("digits-cnn", str(registered["version"]))
     assert version.run_id == tracked.info.run_id
 
 
@@ -267,21 +271,22 @@ def test_repro_trains_on_a_folder_of_rgb_photos_at_64x64(tmp_path_factory):
     assert json.loads((repo / "lineage/registered_model.json").read_text())["name"] == "pets-cnn"
 
 
-def test_a_temporary_experiment_logs_to_the_projects_own_store(repo):
+def test_a_temporary_experiment_logs_to_the_projects_own_store(clone):
     """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps; its run must not vanish."""
-    output = run_ok(repo, "dvc", "exp", "run", "--temp", "-n", "temp-run", "-S", "train.epochs=1")
-    assert "Ran experiment(s): temp-run" in output
-    tracked = runs_by_name(repo)["temp-run"]
+    command = ["dvc", "exp", "run", "--temp", "-n", "temp-run", "-S", "train.epochs=1"]
+    assert "Ran experiment(s): temp-run" in run_ok(clone, *command)
+    tracked = runs_by_name(clone)["temp-run"]
     assert tracked.info.status == "FINISHED"
     assert tracked.data.tags["dvc.exp_name"] == "temp-run"
-    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    assert not list((clone / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-def test_a_queued_experiment_logs_to_the_projects_own_store(repo):
+def test_a_queued_experiment_logs_to_the_projects_own_store(clone):
     """`dvc exp run --queue` + `dvc queue start` run in a temporary copy, like --temp."""
+    repo = clone
     run_ok(repo, "dvc", "exp", "run", "--queue", "-n", "queued-run", "-S", "train.epochs=1")
     run_ok(repo, "dvc", "queue", "start")
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + QUEUE_DEADLINE_S
     while True:
         status = run_ok(repo, "dvc", "queue", "status")
         line = next(line for line in status.splitlines() if "queued-run" in line)
@@ -296,8 +301,12 @@ def test_a_queued_experiment_logs_to_the_projects_own_store(repo):
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-def kill_during(repo: Path, marker: str, settle: float) -> None:
-    """Start `dvc repro`; SIGKILL it and its stage ``settle`` s after a line with ``marker``."""
+def kill_during(repo: Path, marker: str) -> None:
+    """Start `dvc repro`; SIGKILL it and its stage as soon as it prints ``marker``.
+
+    The markers are printed with work still to do (an epoch to train, formats to convert),
+    so the kill always lands mid-stage, however fast the machine.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "true"
@@ -317,28 +326,28 @@ def kill_during(repo: Path, marker: str, settle: float) -> None:
             break
     else:
         pytest.fail(f"no line with {marker!r}:\n{''.join(seen)[-3000:]}")
-    time.sleep(settle)
     assert process.poll() is None, f"dvc repro ended before the kill:\n{''.join(seen)}"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
 
 
-def running_runs(repo: Path) -> list[str]:
+def all_runs(repo: Path) -> list:
     experiment = client(repo).get_experiment_by_name("image-classification")
-    runs = client(repo).search_runs(
-        [experiment.experiment_id], filter_string="attributes.status = 'RUNNING'"
-    )
-    return [r.info.run_id for r in runs]
+    return client(repo).search_runs([experiment.experiment_id])
 
 
-def test_sigkill_during_export_then_repro_recovers_and_keeps_the_champion(repo):
-    champion = client(repo).get_model_version_by_alias("digits-cnn", "champion").version
-    set_params(repo, "export", promotion_margin=0.5)  # only export reruns; never promotes
-    kill_during(repo, "export: exporting saved_model", settle=0.5)
-    output = run_ok(repo, "dvc", "repro")
+def runs_with_status(repo: Path, status: str) -> list[str]:
+    return [r.info.run_id for r in all_runs(repo) if r.info.status == status]
+
+
+def test_sigkill_during_export_then_repro_recovers_and_keeps_the_champion(clone):
+    champion = client(clone).get_model_version_by_alias("digits-cnn", "champion").version
+    set_params(clone, "export", promotion_margin=0.5)  # only export reruns; never promotes
+    kill_during(clone, "export: exporting saved_model")
+    output = run_ok(clone, "dvc", "repro")
     assert stages_run(output) == ["export"]
-    assert "Data and pipelines are up to date" in run_ok(repo, "dvc", "status")
-    assert running_runs(repo) == []
-    record = json.loads((repo / "lineage/registered_model.json").read_text())
+    assert "Data and pipelines are up to date" in run_ok(clone, "dvc", "status")
+    assert runs_with_status(clone, "RUNNING") == []
+    record = json.loads((clone / "lineage/registered_model.json").read_text())
     assert record["alias"] == "challenger"
-    assert client(repo).get_model_version_by_alias("digits-cnn", "champion").version == champion
+    assert client(clone).get_model_version_by_alias("digits-cnn", "champion").version == champion

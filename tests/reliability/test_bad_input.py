@@ -14,6 +14,7 @@ from classifier.data import sources
 from stages import download, preprocess
 from tests.helpers import (
     PROJECT_ROOT,
+    TOOLS,
     ScriptedServer,
     failed_in_one_line,
     leftovers,
@@ -101,7 +102,8 @@ def test_every_stage_reports_bad_params_in_one_line(tmp_path, capsys, stage):
     argv = [
         arg if arg.startswith("--") else str(tmp_path / arg) for arg in STAGE_PATHS[stage].split()
     ]
-    code = importlib.import_module(f"stages.{stage}").main(["--params", str(params), *argv])
+    package = "tools" if stage in TOOLS else "stages"
+    code = importlib.import_module(f"{package}.{stage}").main(["--params", str(params), *argv])
     assert code == 1
     error = one_line_error(capsys.readouterr().err, stage)
     assert error == f"{params}: train.epocs: unknown key"

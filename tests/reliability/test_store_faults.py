@@ -367,8 +367,8 @@ def test_two_runs_logging_the_same_dataset_at_once_both_record_it(tmp_path, monk
     assert len(gated) == 2, "the two inserts did not meet: the test did not race them"
     assert errors == {}
     client = mlflow.MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name(TEST_EXPERIMENT).experiment_id])
-    digests = [[d.dataset.digest for d in run.inputs.dataset_inputs] for run in runs]
+    found = client.search_runs([client.get_experiment_by_name(TEST_EXPERIMENT).experiment_id])
+    digests = [[d.dataset.digest for d in run.inputs.dataset_inputs] for run in found]
     assert len(digests) == 2 and digests[0] == digests[1] != []
 
 

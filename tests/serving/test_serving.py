@@ -132,11 +132,16 @@ def test_registered_model_runs_on_the_code_it_ships_alone(trained, registered, t
     np.save(tmp_path / "images.npy", test.images[:8])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MLFLOW_TRACKING_URI"] = trained.store_uri
+    model_uri = f"models:/{registered['name']}@champion"
+    command = [sys.executable, "-I", "-B", "-c", SHIPPED_CODE_ONLY, model_uri]
     done = subprocess.run(
-        [sys.executable, "-I", "-B", "-c", SHIPPED_CODE_ONLY, f"models:/{registered['name']}@champion",
-         str(tmp_path / "images.npy")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [*command, str(tmp_path / "images.npy")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     module_file, predicted = done.stdout.strip().splitlines()[-2:]
     assert "/code/classifier/__init__.py" in module_file

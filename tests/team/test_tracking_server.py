@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from tests.helpers import (
     EPOCHS,
     MODEL_NAME,
-    PROJECT_ROOT,
     Clone,
     S3Store,
     TrackingServer,
-    base_env,
-    free_port,
     postgres_missing,
-    run_command,
 )
-from tools import team_up
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "image-classification"
@@ -226,85 +215,3 @@ def test_a_user_finds_no_champion_of_a_model_nobody_registered_yet(alice: Clone)
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "None"
-
-
-# --- make team-up -------------------------------------------------------------------------
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-def test_team_up_prints_exports_that_work_and_ctrl_c_stops_everything(tmp_path: Path):
-    team_dir = tmp_path / ".team"
-    mlflow_port, s3_port = free_port(), free_port()
-    command = [
-        sys.executable,
-        "scripts/team_up.py",
-        "--dir",
-        str(team_dir),
-        "--mlflow-port",
-        str(mlflow_port),
-        "--s3-port",
-        str(s3_port),
-        "--user",
-        "carol",
-    ]
-    process = subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        env=base_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + team_up.STARTUP_SECONDS + 60
-        env_file = team_dir / "env.sh"
-        while not env_file.exists():
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "team-up did not get ready"
-            time.sleep(0.5)
-        assert os.stat(env_file).st_mode & 0o077 == 0  # it holds passwords
-        # What the user pastes, in a DVC project, then a push and an MLflow run with artifact.
-        project = tmp_path / "project"
-        project.mkdir()
-        (project / "hello.txt").write_text("hello, team\n")
-        log_run = (
-            "import mlflow; mlflow.set_experiment('team-up'); "
-            "run = mlflow.start_run(); mlflow.log_text('hi', 'hello.txt'); mlflow.end_run(); "
-            "print(run.info.run_id)"
-        )
-        script = (
-            f"set -e; dvc init -q --no-scm; source {env_file}; "
-            f"dvc add -q hello.txt; dvc push -q; python -c {shlex.quote(log_run)}"
-        )
-        done = run_command(project, "bash", "-c", script, env=base_env())
-        run_id = done.stdout.strip().splitlines()[-1]
-
-        printed = env_file.read_text()
-        key_id = printed.split("access_key_id ")[1].split()[0]
-        secret = printed.split("secret_access_key ")[1].split()[0]
-        keys = S3Store(f"http://127.0.0.1:{s3_port}", team_up.BUCKET, key_id, secret).keys()
-        md5 = dvc_file_md5(project / "hello.txt.dvc")
-        assert f"{team_up.DVC_PREFIX}/files/md5/{md5[:2]}/{md5[2:]}" in keys
-        assert any(key.endswith(f"/{run_id}/artifacts/hello.txt") for key in keys)
-
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in its terminal
-        output = process.communicate(timeout=60)[0]
-        assert process.returncode == 0, output
-        assert "stopping" in output
-        assert refuses_connections(mlflow_port)
-        assert refuses_connections(s3_port)
-    finally:
-        if process.poll() is None:
-            team_up.stop_process_group(process)  # SIGTERM: it stops its servers too
-
-
-def dvc_file_md5(dvc_file: Path) -> str:
-    return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]

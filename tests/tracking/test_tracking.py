@@ -3,15 +3,14 @@ import subprocess
 import pytest
 
 from classifier.tracking import lineage, runs, store
+from tests.helpers import free_port
 
 
 def test_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     assert store.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert (
-        store._artifact_location(store.tracking_uri()) == (tmp_path / "mlartifacts").as_uri()
-    )
+    assert store._artifact_location(store.tracking_uri()) == (tmp_path / "mlartifacts").as_uri()
 
 
 def test_dvc_temporary_experiment_copies_use_the_projects_own_store(tmp_path, monkeypatch):
@@ -85,3 +84,30 @@ def test_epoch_metrics_to_a_local_store_are_written_before_log_epoch_returns(mlf
         assert runs.log_epoch({"loss": 0.5}, epoch=1, wait=False) is None
         history = mlflow.MlflowClient().get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 0.5)]
+
+
+def test_a_new_experiment_is_a_model_training_experiment_so_the_ui_opens_on_runs(mlflow_store):
+    import mlflow
+
+    experiment_id = store.connect()
+    experiment = mlflow.MlflowClient(tracking_uri=mlflow_store).get_experiment(experiment_id)
+    assert experiment.tags[store.TAG_EXPERIMENT_KIND] == "custom_model_development"
+
+
+def test_an_older_experiment_without_a_kind_gets_marked_model_training(mlflow_store):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store)
+    experiment_id = client.create_experiment(store.experiment_name())
+    assert store.TAG_EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags
+    assert store.connect() == experiment_id
+    kind = client.get_experiment(experiment_id).tags[store.TAG_EXPERIMENT_KIND]
+    assert kind == "custom_model_development"
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_error_naming_it(monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # MLflow alone would retry the refused connection for minutes before failing.
+    with pytest.raises(store.TrackingError, match=rf"^MLflow store {uri}: .* does not answer"):
+        store.connect()
