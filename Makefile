@@ -14,7 +14,6 @@ SERVE_PORT ?= 5001
 SERVE_HOST ?= 127.0.0.1
 # The registered model `make serve` serves: export.model_name in params.yaml.
 MODEL_NAME ?= $(shell sed -n 's/^ *model_name: *\([^ #]*\).*/\1/p' params.yaml)
-MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
 # The pipeline's stage commands call `python`: make it the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -42,11 +41,10 @@ test-fast: install ## the fast tier: no pipeline subprocesses, no servers (about
 	python -m pytest -n auto -m "not slow"
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT to change)
-	mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(MLFLOW_PORT)
+	python -m tools.ui --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 serve: install ## serve MODEL_NAME@champion on http://127.0.0.1:5001/invocations (SERVE_PORT, SERVE_HOST)
-	MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" mlflow models serve --env-manager local \
-		--model-uri "models:/$(MODEL_NAME)@champion" --host $(SERVE_HOST) --port $(SERVE_PORT)
+	python -m tools.serve --model-name "$(MODEL_NAME)" --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 exp: install ## dvc exp show: every param and metric, without the dependency-hash columns
 	dvc exp show --drop '^(stages|data|models|lineage|plots|reports)/|^Created$$'

@@ -49,7 +49,12 @@ def atomic_path(path: Path, *, directory: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         if isinstance(error, OSError) and error.filename is None:
-            # A short write (a full disk: numpy's "N requested and M written") names no file.
+            if error.errno is None:
+                # A short write names no file and no cause (numpy: "N requested and M
+                # written"): the disk, or the file size limit, ran out.
+                raise OSError(
+                    f"{path}: could not be written whole ({error}); is the disk full?"
+                ) from error
             raise OSError(f"{path}: {error.strerror or error}") from error
         raise
 
@@ -63,3 +68,20 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless a file can be written at ``path`` (atomically, as here).
+
+    Stages call it for every output before hours of work, not after: a folder where a file
+    should be, or a folder that cannot be written, is found at once.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"{path}: is a folder, where the output file goes; move it away")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as error:
+        raise OSError(f"{path}: cannot be written ({error.strerror or error})") from None

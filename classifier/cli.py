@@ -8,9 +8,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from classifier.errors import StageError
+from classifier.workspace import exclusive_stage
 
 # Paths that several stages read, with the defaults dvc.yaml passes: (default, help).
 PREPARED = ("data/prepared", "prepared train/val/test splits")
@@ -41,6 +43,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: unwind like Ctrl-C (MLflow runs end KILLED, temporaries go)."""
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 # Signals received by this process. Python runs a handler between any two bytecodes, so
 # its exception can land in a garbage-collector callback or a ``__del__``, where Python
 # prints "Exception ignored" and carries on; long loops call raise_if_signalled() so that
@@ -64,21 +68,28 @@ def raise_if_signalled() -> None:
         raise _interruption(_received[0])
 
 
-def run_stage(name: str, body: Callable[[], object]) -> int:
+def run_stage(name: str, body: Callable[[], object], params: Path | None = None) -> int:
     """Run a stage's body; expected failures become one line on stderr and exit code 1.
 
     Ctrl-C and SIGTERM (what `kill`, DVC and schedulers send) exit with 130 and 143, the
     shell's codes for those signals. The signal handlers are the stage's only while it runs.
+    A pipeline stage passes its ``params`` file: under DVC it then holds the workspace while
+    it runs (classifier/workspace.py).
     """
+    level = os.environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        print(
+            f"{name}: error: LOG_LEVEL: unknown level {level!r}, expected one of "
+            f"{', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        return 1
     previous = {signum: signal.signal(signum, _on_signal) for signum in INTERRUPTS}
     _received.clear()
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s {name}: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    logging.basicConfig(level=level, format=f"%(asctime)s {name}: %(message)s", datefmt="%H:%M:%S")
     try:
-        body()
+        with exclusive_stage(name, params) if params is not None else nullcontext():
+            body()
     except (StageError, OSError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 1

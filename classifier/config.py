@@ -6,6 +6,7 @@ names the file and the dotted key, e.g. ``params.yaml: train.epochs: must be >= 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -146,15 +147,66 @@ def parse_params(raw: Any, source: str = str(DEFAULT_PARAMS_PATH)) -> Params:
         raise ParamsError(f"{source}: {problems}") from None
 
 
-def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
-    """Read and validate params.yaml."""
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping gives the same key twice."""
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """YAML as people write params: ``1e-3`` is a number, and a key given twice is an error.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``) and ``1e-3`` is a string;
+    DVC reads params.yaml as YAML 1.2, where both are numbers. A repeated key would silently
+    win over the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(
+                    f"line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                    f"(first on line {seen[key].line + 1}); keep one"
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats, exponents without a dot included (1e-3, 2E5).
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file people edit: UTF-8, YAML 1.2 numbers, no repeated keys."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:
+        raise ParamsError(
+            f"{path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_ParamsLoader)  # a SafeLoader: builds plain data only
+    except _DuplicateKey as error:
+        raise ParamsError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate params.yaml."""
+    return parse_params(read_yaml(path), str(path))

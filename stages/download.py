@@ -29,7 +29,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_stage("download", lambda: run(load_params(args.params).data, out_dir=args.out))
+    return run_stage(
+        "download", lambda: run(load_params(args.params).data, out_dir=args.out), params=args.params
+    )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,10 @@ def run(
         ),
     }
 
-    with runs.resumed_run(run_id):
+    training = runs.finished_run(run_id)
+    with training.stage("evaluate"):
         # The training run's data and model hashes, as DVC recorded them once train ended.
-        runs.set_tags(lineage.dvc_lock_tags(lock_path, "train", model_path))
+        training.set_tags(lineage.dvc_lock_tags(lock_path, "train", model_path))
         with atomic_path(plots_dir, directory=True) as tmp:
             rows.to_csv(tmp / "confusion.csv", index=False)
             per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
@@ -79,9 +80,8 @@ def run(
             for name, figure in figures.items():
                 plots.save(figure, tmp / name)
         write_json(metrics_path, metrics)
-        runs.log_metrics({f"test_{key}": value for key, value in metrics.items()})
-        for path in sorted(plots_dir.iterdir()):
-            runs.log_artifact(path, "evaluation")
+        training.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+        training.log_artifacts(plots_dir, "evaluation")
     log.info(
         "test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
         metrics["accuracy"],
@@ -120,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plots_dir=args.plots,
             lock_path=args.lock,
         ),
+        params=args.params,
     )
 
 

@@ -2,15 +2,15 @@
 
 The model is written as a TensorFlow SavedModel, TFLite float32, TFLite int8 and ONNX,
 and each format must give the Keras model's answers on the test split
-(classifier/export/formats.py). Sizes and parity go to a DVC metrics file and the
-training run; a failing format fails the stage before anything is registered.
+(classifier/export/formats.py). The registered model is an MLflow pyfunc that takes images
+as people have them (classifier/serving/). Whether it becomes ``@champion`` or
+``@challenger`` is decided by classifier/export/promotion.py, against the current champion
+on the same test images; a champion of other classes or other images is never compared.
 
-The registered model is an MLflow pyfunc that takes images as people have them
-(classifier/serving/), built from code, with the labels file inside. Whether it becomes
-``@champion`` or ``@challenger`` is decided by classifier/export/promotion.py; the
-decision, with both scores and the reason, goes to a DVC metrics file, to tags on the
-model version and the run, and to the registration record. Registration is the last
-step: a failure before it registers nothing and never moves the champion.
+Order matters: every check and every output that can fail comes first; registering the
+version and moving its alias come last, so a failed export registers nothing and never
+moves the champion. The training run stays FINISHED whatever happens: export only adds
+to it (``export.outcome`` says how export ended).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from classifier.atomic import atomic_path, write_json
+from classifier.atomic import atomic_path, check_writable, write_json
 from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from classifier.config import ExportParams, load_params
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set
@@ -29,7 +29,7 @@ from classifier.data.images import ResizePolicy
 from classifier.errors import StageError
 from classifier.evaluation.metrics import score
 from classifier.export import formats
-from classifier.export.promotion import decide
+from classifier.export.promotion import CHAMPION, Decision, decide
 from classifier.model.files import load_model
 from classifier.serving.pyfunc import png_frame, probabilities_of
 from classifier.tracking import lineage, registry, runs
@@ -63,21 +63,94 @@ class ExportOutputs:
         )
 
 
-def champion_accuracy(model_name: str, test: ImageSet) -> tuple[int | None, float | None]:
-    """The current champion's version and its accuracy on ``test``; (None, None) if none."""
-    champion = registry.aliased_model(model_name, "champion")
-    if champion is None:
-        return None, None
-    version, model = champion
+class IncomparableChampion(StageError):
+    """The champion answers other classes, or takes other images: it cannot be compared."""
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered model's current champion: its version, and its accuracy on this test."""
+
+    version: int | None = None
+    accuracy: float | None = None
+
+
+def comparable_champion(
+    model_name: str, candidate: registry.ModelInterface
+) -> registry.ModelInterface | None:
+    """The champion's interface; IncomparableChampion if it is not the candidate's."""
+    version = registry.aliased_version(model_name, CHAMPION)
+    if version is None:
+        return None
+    champion = registry.interface_of(version)
+    difference = champion.difference(candidate)
+    if difference is not None:
+        raise IncomparableChampion(
+            f"{model_name}@champion (version {version.version}) answers {champion.describe()}; "
+            f"this model answers {candidate.describe()}: {difference}, so the two cannot be "
+            f"compared and nothing was registered. Register it under its own name: "
+            f"dvc exp run -S export.model_name=<a new name>"
+        )
+    return champion
+
+
+def score_champion(model_name: str, test: ImageSet) -> Champion:
+    """The current champion's version and its accuracy on ``test``."""
+    found = registry.aliased_model(model_name, CHAMPION)
+    if found is None:
+        return Champion()
+    version, model = found
     try:
         probabilities = probabilities_of(model.predict(test.images))
-    except Exception as error:
+    except Exception as error:  # a broken champion: say which, not a traceback
         raise StageError(
-            f"the champion, {model_name} version {version}, cannot score this test set "
-            f"({str(error).splitlines()[0]}); for a different kind of data, register under "
-            "another export.model_name"
+            f"{model_name}@champion (version {version}) cannot score the test images: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
         ) from None
-    return version, score(probabilities, test.labels)["accuracy"]
+    return Champion(version, score(probabilities, test.labels)["accuracy"])
+
+
+def decision_tags(decision: Decision, candidate: float, champion: Champion) -> dict[str, str]:
+    """The decision as tags, for the model version and the training run."""
+    return {
+        "promotion.decision": decision.alias,
+        "promotion.reason": decision.reason,
+        "promotion.candidate_accuracy": f"{candidate:.6f}",
+        "promotion.champion_accuracy": ""
+        if champion.accuracy is None
+        else f"{champion.accuracy:.6f}",
+        "promotion.champion_version": "" if champion.version is None else str(champion.version),
+    }
+
+
+def export_formats(
+    cfg: ExportParams, model_path: Path, data_dir: Path, test: ImageSet, reference, out_dir: Path
+) -> dict[str, dict[str, float | bool]]:
+    """Write and check every format into ``out_dir`` (atomically); return their report."""
+    train = read_image_set(Path(data_dir) / "train")
+    with atomic_path(out_dir, directory=True) as staged:
+        return formats.export_and_check(
+            model_path,
+            formats.representative_images(train.images),
+            test.images,
+            test.labels,
+            reference,
+            staged,
+            cfg.int8_max_accuracy_drop,
+        )
+
+
+def log_formats(training: runs.FinishedRun, report: dict, formats_dir: Path) -> None:
+    """Each format's size and parity as run metrics, and the files as run artifacts."""
+    training.log_metrics(
+        {
+            f"format.{name}.{key}": value
+            for name, figures in report.items()
+            for key, value in figures.items()
+            if key in FORMAT_METRICS
+        }
+    )
+    training.log_artifacts(formats_dir, FORMATS_ARTIFACT_DIR)
 
 
 def run(
@@ -89,65 +162,43 @@ def run(
     run_info_path: Path,
     outputs: ExportOutputs,
 ) -> dict[str, object]:
-    """Export and check every format, score, decide, register, and write the records.
-
-    Nothing is registered, and no output written, unless every format passes its parity
-    check and registration succeeds.
-    """
-    run_id = lineage.read_run_id(run_info_path)
+    """Check, export every format, decide, write the records, then register and alias."""
+    for path in (outputs.format_metrics, outputs.decision, outputs.registered):
+        check_writable(path)
+    training = runs.finished_run(lineage.read_run_id(run_info_path))
     test = read_image_set(Path(data_dir) / "test")
-    reference = load_model(str(model_path)).predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
-    candidate = score(reference, test.labels)["accuracy"]
-    representative = formats.representative_images(read_image_set(Path(data_dir) / "train").images)
-    with runs.resumed_run(run_id), atomic_path(outputs.formats, directory=True) as staged:
-        report = formats.export_and_check(
-            model_path,
-            representative,
-            test.images,
-            test.labels,
-            reference,
-            staged,
-            cfg.int8_max_accuracy_drop,
-        )
-        runs.log_metrics(
-            {
-                f"format.{name}.{key}": value
-                for name, figures in report.items()
-                for key, value in figures.items()
-                if key in FORMAT_METRICS
-            }
-        )
-        runs.log_artifacts(staged, FORMATS_ARTIFACT_DIR)
-        champion_version, champion_score = champion_accuracy(cfg.model_name, test)
-        decision = decide(candidate, champion_score, cfg, champion_version)
-        tags = {
-            "promotion.decision": decision.alias,
-            "promotion.reason": decision.reason,
-            "promotion.candidate_accuracy": f"{candidate:.6f}",
-            "promotion.champion_accuracy": ""
-            if champion_score is None
-            else f"{champion_score:.6f}",
-            "promotion.champion_version": "" if champion_version is None else str(champion_version),
-        }
-        registered = registry.register_model(
+    keras_model = load_model(str(model_path))
+    interface = registry.ModelInterface(test.class_names, tuple(keras_model.input_shape[1:]))
+    with training.stage("export"):
+        comparable_champion(cfg.model_name, interface)
+        reference = keras_model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
+        candidate = score(reference, test.labels)["accuracy"]
+        report = export_formats(cfg, model_path, data_dir, test, reference, outputs.formats)
+        champion = score_champion(cfg.model_name, test)
+        decision = decide(candidate, champion.accuracy, cfg, champion.version)
+        tags = decision_tags(decision, candidate, champion)
+        log_formats(training, report, outputs.formats)
+        logged = registry.log_served_model(
+            training.run_id,
             model_path,
             Path(data_dir) / CLASSES_FILE,
             resize,
-            cfg.model_name,
-            decision.alias,
             png_frame(test.images[:INPUT_EXAMPLE_SIZE]),
-            tags,
+            interface,
         )
-    write_json(outputs.format_metrics, report)
-    summary = {
-        "promoted": decision.promoted,
-        "candidate_accuracy": candidate,
-        "champion_accuracy": champion_score,
-        "champion_version": champion_version,
-    }
-    write_json(outputs.decision, summary)
-    record = {**registered, "decision": {**summary, "reason": decision.reason}}
-    write_json(outputs.registered, record)
+        summary = {
+            "promoted": decision.promoted,
+            "candidate_accuracy": candidate,
+            "champion_accuracy": champion.accuracy,
+            "champion_version": champion.version,
+        }
+        write_json(outputs.format_metrics, report)
+        write_json(outputs.decision, summary)
+        # Last: the new version and its alias; then the record of it.
+        registered = registry.register_version(cfg.model_name, logged, decision.alias, tags)
+        record = {**registered, "decision": {**summary, "reason": decision.reason}}
+        write_json(outputs.registered, record)
+        training.set_tags({**tags, "export.version": str(registered["version"])})
     log.info(
         "%s version %s is @%s: %s",
         cfg.model_name,
@@ -193,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outputs=outputs,
         )
 
-    return run_stage("export", body)
+    return run_stage("export", body, params=args.params)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_path=args.metrics,
             report_path=args.report,
         ),
+        params=args.params,
     )
 
 

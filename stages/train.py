@@ -16,7 +16,7 @@ from pathlib import Path
 
 import keras
 
-from classifier.atomic import atomic_path, write_json, write_text
+from classifier.atomic import atomic_path, check_writable, write_json, write_text
 from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from classifier.config import Params, load_params
 from classifier.tracking import runs, store
@@ -49,6 +49,12 @@ class TrainOutputs:
             checkpoint=folder / "checkpoint",
         )
 
+    def check_writable(self) -> None:
+        """Raise OSError, before any training, for an output that could not be written."""
+        for path in (self.model, self.history, self.metrics, self.run_info):
+            check_writable(path)
+        check_writable(self.checkpoint.parent / f".{self.checkpoint.name}.probe")
+
 
 def write_outputs(result: TrainResult, outputs: TrainOutputs) -> None:
     """The model, history, last epoch's metrics and the run's id, each written atomically."""
@@ -80,6 +86,7 @@ def run(
     With ``train.resume``, continue the run checkpointed in ``outputs.checkpoint`` instead
     of starting over. ``callbacks`` run after the stage's own at every epoch.
     """
+    outputs.check_writable()
     trainer = Trainer.start(params, Path(data_dir), outputs.checkpoint)
     if not trainer.is_chief:
         return trainer.fit_as_worker()
@@ -128,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outputs=outputs,
             data_report=args.data_report,
         ),
+        params=args.params,
     )
 
 

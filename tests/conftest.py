@@ -95,22 +95,24 @@ def registered(trained: TrainedRun) -> dict[str, Any]:
     """
     from classifier.data.dataset import CLASSES_FILE, read_image_set
     from classifier.serving.pyfunc import png_frame
-    from classifier.tracking import registry, runs
+    from classifier.tracking import registry, store
 
     test = read_image_set(trained.data_dir / "test")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", trained.store_uri)
         patch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
-        with runs.resumed_run(trained.result.run_id):
-            return registry.register_model(
-                trained.model_path,
-                trained.data_dir / CLASSES_FILE,
-                "stretch",
-                "test-serving",
-                "champion",
-                png_frame(test.images[:3]),
-                {"promotion.decision": "champion"},
-            )
+        store.connect()
+        logged = registry.log_served_model(
+            trained.result.run_id,
+            trained.model_path,
+            trained.data_dir / CLASSES_FILE,
+            "stretch",
+            png_frame(test.images[:3]),
+            registry.ModelInterface(test.class_names, test.image_shape),
+        )
+        return registry.register_version(
+            "test-serving", logged, "champion", {"promotion.decision": "champion"}
+        )
 
 
 @pytest.fixture
@@ -135,3 +137,18 @@ def http_server(tmp_path_factory: pytest.TempPathFactory):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# The tests with the costliest fixtures go first, so that xdist's workers each start on one
+# (make test runs `--dist loadgroup --no-loadscope-reorder`: groups go out in this order).
+# Found last, they would run after everything else, one worker idle.
+RUN_FIRST = ("tests/team/test_remote.py", "tests/team/test_tracking_server.py")
+RUN_SECOND = ("tests/pipeline/test_pipeline.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return 0 if path in RUN_FIRST else 1 if path in RUN_SECOND else 2
+
+    items.sort(key=rank)  # stable: otherwise the collection's order

@@ -286,17 +286,42 @@ PROJECT_FILES = [
 STAGES = ["download", "preprocess", "train", "evaluate", "export"]
 
 
-def run_ok(repo: Path, *command: str) -> str:
-    """Run a command in ``repo`` as a user would, with the project's environment on PATH."""
+def user_env() -> dict[str, str]:
+    """A user's shell in a clone: no MLflow or DVC settings, the project's venv first."""
     env = {
         key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "true"
-    done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def run_in(repo: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """Run a command in ``repo`` as a user would; its exit code is the caller's to check."""
+    return subprocess.run(
+        command, cwd=repo, env=user_env(), capture_output=True, text=True, timeout=900
+    )
+
+
+def run_ok(repo: Path, *command: str) -> str:
+    """Run a command in ``repo`` as a user would; it must succeed. Returns its output."""
+    done = run_in(repo, *command)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{output[-4000:]}"
     return output
+
+
+def lock_outputs(repo: Path) -> dict[str, bytes]:
+    """Every output file dvc.lock records, by path, with its content."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    paths = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    found: dict[str, bytes] = {}
+    for path in paths:
+        target = repo / path
+        files = sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir() else [target]
+        for file in files:
+            found[file.relative_to(repo).as_posix()] = file.read_bytes() if file.is_file() else b""
+    return found
 
 
 def stages_run(output: str) -> list[str]:

@@ -107,3 +107,28 @@ def test_stage_reports_bad_params_in_one_line_and_exits_nonzero(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == f"download: error: {bad}: data.sorce: unknown key"
     assert not (tmp_path / "raw").exists()
+
+
+def test_a_number_written_with_an_exponent_is_a_number(tmp_path):
+    text = (PROJECT_ROOT / "params.yaml").read_text()
+    edited = text.replace("learning_rate: 0.001", "learning_rate: 1e-3", 1)
+    assert edited != text
+    (tmp_path / "params.yaml").write_text(edited)
+    assert load_params(tmp_path / "params.yaml").train.learning_rate == 0.001
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n  batch_size: 32\n  epochs: 5\n")
+    with pytest.raises(ParamsError) as raised:
+        load_params(path)
+    assert str(raised.value) == (
+        f"{path}: line 4: key 'epochs' is given twice (first on line 2); keep one"
+    )
+
+
+def test_a_params_file_that_is_not_utf8_is_one_error_naming_the_byte(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes((PROJECT_ROOT / "params.yaml").read_bytes() + b"# caf\xe9\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: not UTF-8 text \(byte 0xe9 at offset"):
+        load_params(path)

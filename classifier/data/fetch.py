@@ -22,7 +22,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -179,25 +180,37 @@ def download_file(
         )
     if progress is None:
         progress = sys.stderr is not None and sys.stderr.isatty()
+    fetch = partial(
+        _fetch_once, name=dest.name, sha256=sha256, max_bytes=max_bytes, timeout=timeout,
+        progress=progress,
+    )  # fmt: skip
     failures = []
     for number, url in enumerate(urls, start=1):
-        for attempt in range(retries + 1):
-            try:
-                with atomic_path(dest) as tmp:
-                    _fetch_once(
-                        url,
-                        tmp,
-                        name=dest.name,
-                        sha256=sha256,
-                        max_bytes=max_bytes,
-                        timeout=timeout,
-                        progress=progress,
-                    )
-                return dest
-            except _Transient as error:
-                if attempt == retries:
-                    failures.append(f"{url}: {error} (after {retries + 1} tries)")
-                    break
+        failure = _try_url(url, dest, fetch, retries=retries, backoff=backoff)
+        if failure is None:
+            return dest
+        failures.append(failure)
+        if number < len(urls):
+            logger.warning("%s: %s; trying the next mirror", dest.name, failure)
+    if not failures:
+        raise DownloadError(f"{dest.name}: no URL to download it from")
+    raise DownloadError(f"{dest.name}: every mirror failed: {'; '.join(failures)}")
+
+
+def _try_url(
+    url: str, dest: Path, fetch: Callable[[str, Path], None], *, retries: int, backoff: float
+) -> str | None:
+    """Fetch ``url`` into ``dest``, retrying transient failures; None, or why it failed."""
+    for attempt in range(retries + 1):
+        try:
+            with atomic_path(dest) as tmp:
+                fetch(url, tmp)
+            return None
+        except _Permanent as error:
+            return f"{url}: {error}"
+        except _Transient as error:
+            last_error = error
+            if attempt < retries:
                 delay = backoff * 2**attempt
                 logger.warning(
                     "%s: %s from %s; retry %d of %d in %.2g s",
@@ -209,11 +222,4 @@ def download_file(
                     delay,
                 )
                 time.sleep(delay)
-            except _Permanent as error:
-                failures.append(f"{url}: {error}")
-                break
-        if number < len(urls):
-            logger.warning("%s: %s; trying the next mirror", dest.name, failures[-1])
-    if not failures:
-        raise DownloadError(f"{dest.name}: no URL to download it from")
-    raise DownloadError(f"{dest.name}: every mirror failed: {'; '.join(failures)}")
+    return f"{url}: {last_error} (after {retries + 1} tries)"

@@ -84,6 +84,64 @@ def _size_table(source_images: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def _source_section(source_images: pd.DataFrame) -> list[str]:
+    if source_images.empty:
+        return []
+    return [
+        "## Source files",
+        "",
+        _source_table(source_images).to_markdown(index=False),
+        "",
+        "Size in pixels before resizing:",
+        "",
+        _size_table(source_images).to_markdown(),
+        "",
+    ]
+
+
+def _at_most(lines: list[str], table: pd.DataFrame, total: int) -> list[str]:
+    """``lines`` with ``table`` (the first MAX_LISTED rows of ``total``) in Markdown."""
+    lines += [table.head(MAX_LISTED).to_markdown(index=False), ""]
+    if total > MAX_LISTED:
+        lines += [f"... and {total - MAX_LISTED} more.", ""]
+    return lines
+
+
+def _duplicates_section(duplicates: pd.DataFrame, within: int, across: int) -> list[str]:
+    lines = [
+        "## Exact duplicates",
+        "",
+        f"{within} images are exact copies of another image; {across} distinct images "
+        "appear in more than one split (leakage between training and evaluation).",
+        "",
+    ]
+    if not len(duplicates):
+        return lines
+    shown = duplicates.assign(group=lambda d: d["hash"].str[:8])[["group", "split", "origin"]]
+    return _at_most(lines, shown, len(duplicates))
+
+
+def _skipped_section(skipped: Sequence[Mapping[str, str]]) -> list[str]:
+    lines = ["## Skipped files", ""]
+    if not skipped:
+        return [*lines, "None.", ""]
+    lines += [f"{len(skipped)} files could not be used as images:", ""]
+    return _at_most(lines, pd.DataFrame(list(skipped)), len(skipped))
+
+
+def _links_section(links: Sequence[Mapping[str, str]]) -> list[str]:
+    lines = [
+        "## Skipped links",
+        "",
+        "Links are followed only where they point inside the image folder.",
+        "",
+    ]
+    if not links:
+        return [*lines, "None.", ""]
+    lines += [f"{len(links)} links were not followed:", ""]
+    return _at_most(lines, pd.DataFrame(list(links)), len(links))
+
+
 def build_report(
     source: Mapping[str, object],
     splits: Mapping[str, ImageSet],
@@ -104,6 +162,7 @@ def build_report(
         "images": {split: len(splits[split].labels) for split in SPLITS},
         "classes": len(splits["train"].class_names),
         "skipped_files": len(skipped),
+        "skipped_links": len(source.get("skipped_links") or []),
         "duplicate_copies": within,
         "duplicates_across_splits": across,
         "pixel_mean": round(float(pixels["mean"].mean()), 6),
@@ -126,39 +185,8 @@ def build_report(
         pixels.to_markdown(index=False, floatfmt=".4f"),
         "",
     ]
-    if not source_images.empty:
-        lines += [
-            "## Source files",
-            "",
-            _source_table(source_images).to_markdown(index=False),
-            "",
-            "Size in pixels before resizing:",
-            "",
-            _size_table(source_images).to_markdown(),
-            "",
-        ]
-    lines += [
-        "## Exact duplicates",
-        "",
-        f"{within} images are exact copies of another image; {across} distinct images "
-        "appear in more than one split (leakage between training and evaluation).",
-        "",
-    ]
-    if len(duplicates):
-        shown = duplicates.head(MAX_LISTED).assign(group=lambda d: d["hash"].str[:8])
-        lines += [shown[["group", "split", "origin"]].to_markdown(index=False), ""]
-        if len(duplicates) > MAX_LISTED:
-            lines += [f"... and {len(duplicates) - MAX_LISTED} more.", ""]
-    lines += ["## Skipped files", ""]
-    if skipped:
-        lines += [
-            f"{len(skipped)} files could not be used as images:",
-            "",
-            pd.DataFrame(list(skipped)[:MAX_LISTED]).to_markdown(index=False),
-            "",
-        ]
-        if len(skipped) > MAX_LISTED:
-            lines += [f"... and {len(skipped) - MAX_LISTED} more.", ""]
-    else:
-        lines += ["None.", ""]
+    lines += _source_section(source_images)
+    lines += _duplicates_section(duplicates, within, across)
+    lines += _skipped_section(skipped)
+    lines += _links_section(source.get("skipped_links") or [])
     return metrics, "\n".join(lines)

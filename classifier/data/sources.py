@@ -21,6 +21,7 @@ import numpy as np
 from classifier.atomic import atomic_path, write_json
 from classifier.config import DataParams
 from classifier.data.dataset import ImageSet, write_image_set
+from classifier.data.folders import list_class_folders
 from classifier.data.raw import (
     FILES_DIR,
     FILES_LAYOUT,
@@ -170,45 +171,34 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def copy_class_folders(source: Path, dest: Path) -> dict[str, int]:
-    """Copy (hard-link where possible) one subfolder of files per class; return the counts."""
+def copy_class_folders(source: Path, dest: Path) -> dict[str, object]:
+    """Copy (hard-link where possible) one subfolder of files per class.
+
+    Links are followed only inside ``source`` (classifier/data/folders.py). Returns the
+    files per class and the links skipped.
+    """
     from tqdm import tqdm
 
-    if not source.is_dir():
-        raise DataError(f"{source}: not a folder")
-    classes = sorted(p for p in source.iterdir() if p.is_dir() and not _is_hidden(p))
-    if len(classes) < 2:
-        raise DataError(
-            f"{source}: need one subfolder per class and at least 2 classes, found "
-            f"{[p.name for p in classes] or 'none'}"
-        )
-    files = {}
-    for folder in classes:
-        found = sorted(
-            p
-            for p in folder.rglob("*")
-            if p.is_file()
-            and not p.is_symlink()
-            and not any(map(_is_hidden, p.relative_to(folder).parents))
-            and not _is_hidden(p)
-        )
-        if not found:
-            raise DataError(f"{folder}: class folder {folder.name!r} holds no files")
-        files[folder.name] = found
-    total = sum(map(len, files.values()))
+    listing = list_class_folders(source)
+    total = sum(map(len, listing.files.values()))
     with tqdm(
         total=total, desc="copying images", unit="file", disable=not sys.stderr.isatty()
     ) as bar:
-        for name, found in files.items():
-            for path in found:
-                target = dest / name / path.relative_to(source / name)
+        for name, found in listing.files.items():
+            for relative, real in found:
+                target = dest / name / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    os.link(path, target)
+                    os.link(real, target)
                 except OSError:
-                    shutil.copyfile(path, target)
+                    shutil.copyfile(real, target)
                 bar.update()
-    return {name: len(found) for name, found in files.items()}
+    for skipped in listing.skipped_links:
+        log.warning("skipped link %s -> %s: %s", *skipped.values())
+    return {
+        "files_per_class": {name: len(found) for name, found in listing.files.items()},
+        "skipped_links": listing.skipped_links,
+    }
 
 
 def _class_root(extracted: Path) -> Path:
@@ -223,12 +213,8 @@ def _class_root(extracted: Path) -> Path:
 
 def fetch_folder(cfg: DataParams, out: Path) -> dict[str, object]:
     """A folder with one subfolder of images per class."""
-    counts = copy_class_folders(Path(cfg.path), out / FILES_DIR)
-    return {
-        "layout": FILES_LAYOUT,
-        "path": str(Path(cfg.path).resolve()),
-        "files_per_class": counts,
-    }
+    copied = copy_class_folders(Path(cfg.path), out / FILES_DIR)
+    return {"layout": FILES_LAYOUT, "path": str(Path(cfg.path).resolve()), **copied}
 
 
 def fetch_archive(cfg: DataParams, out: Path) -> dict[str, object]:
@@ -251,8 +237,8 @@ def fetch_archive(cfg: DataParams, out: Path) -> dict[str, object]:
             if not archive.is_file():
                 raise DataError(f"data.path: {archive} is not a file")
         extracted = extract_archive(archive, work_dir / "extracted")
-        counts = copy_class_folders(_class_root(extracted), out / FILES_DIR)
-    return {"layout": FILES_LAYOUT, "archive": location, "files_per_class": counts}
+        copied = copy_class_folders(_class_root(extracted), out / FILES_DIR)
+    return {"layout": FILES_LAYOUT, "archive": location, **copied}
 
 
 SOURCES: dict[str, Callable[[DataParams, Path], dict[str, object]]] = {

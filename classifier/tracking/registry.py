@@ -1,4 +1,11 @@
-"""The model registry: register a version with its alias, find what an alias points at."""
+"""The model registry: log the served model, register a version, move an alias, look one up.
+
+Registration is two steps on purpose. :func:`log_served_model` stores the model's files
+(and can fail: disk, network, a model that cannot be loaded); :func:`register_version`
+then only creates the version and moves its alias, so a caller writes every other output
+between the two and an export that fails registers nothing. Neither step reopens the
+training run: its status stays FINISHED whatever happens here.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +31,12 @@ log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 # The file MLflow runs to build the registered model; it and what it imports are shipped.
 SERVED_MODEL = "classifier.serving.served_model"
+# What every version says about the images it takes and the classes it answers with, so
+# a challenger can be checked against the champion without loading it.
+TAG_CLASSES = "model.classes"
+TAG_INPUT = "model.input"
+# Packages the served model needs, pinned to this environment's versions.
+SERVED_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")
 
 
 def serving_code(scratch: Path) -> Path:
@@ -36,6 +50,173 @@ def serving_code(scratch: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT_ROOT / relative, target)
     return scratch / "classifier"
+
+
+@dataclass(frozen=True)
+class ModelInterface:
+    """What a model takes and gives: its classes, in output order, and its input images."""
+
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, int, int]
+
+    @property
+    def input(self) -> str:
+        return "x".join(str(size) for size in self.input_shape)
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_CLASSES: json.dumps(list(self.class_names)), TAG_INPUT: self.input}
+
+    def describe(self) -> str:
+        names = list(self.class_names)
+        shown = names if len(names) <= 12 else [*names[:12], "..."]
+        return f"{len(names)} classes {shown} at {self.input}"
+
+    def difference(self, other: ModelInterface) -> str | None:
+        """Why a model of ``other`` cannot be scored against one of this; None if it can."""
+        if self.class_names != other.class_names:
+            if sorted(self.class_names) == sorted(other.class_names):
+                return "the same classes in another order"
+            return "other classes"
+        if self.input_shape[2] != other.input_shape[2]:
+            return "images of other channels"
+        if self.input_shape != other.input_shape:
+            return "images of another size"
+        return None
+
+
+def interface_of(version: Any) -> ModelInterface:
+    """The interface a registered version records in its tags, else the one its model has."""
+    tags = version.tags or {}
+    if TAG_CLASSES in tags and TAG_INPUT in tags:
+        shape = tuple(int(size) for size in tags[TAG_INPUT].split("x"))
+        return ModelInterface(tuple(json.loads(tags[TAG_CLASSES])), shape)  # type: ignore[arg-type]
+    # A version registered before the tags: ask the model itself.
+    import mlflow
+
+    with reporting_errors():
+        model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    served = model.unwrap_python_model()
+    return ModelInterface(tuple(served.class_names), tuple(served.shape))
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """A served model stored in the tracking server, not yet a version of any name."""
+
+    model_id: str
+    model_uri: str
+    run_id: str
+    interface: ModelInterface
+
+
+def log_served_model(
+    run_id: str,
+    model_path: Path,
+    labels_path: Path,
+    resize: str,
+    input_example: pd.DataFrame,
+    interface: ModelInterface,
+) -> LoggedModel:
+    """Store ``classifier.serving``'s pyfunc for the ``.keras`` file at ``model_path``.
+
+    Built from code (no pickle), with the project modules it imports (:func:`serving_code`),
+    the labels file and the ``resize`` policy. ``input_example`` is a DataFrame of base64
+    image files; its predictions make the output schema. The model is linked to the
+    training run ``run_id``, which stays as it is.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature, infer_signature
+
+    from classifier.serving import pyfunc as serving
+
+    # Pin what the model needs instead of letting MLflow re-import it to guess (slow).
+    requirements = [
+        f"{package}=={importlib.metadata.version(package)}" for package in SERVED_REQUIREMENTS
+    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        # The resize policy travels as a file: MLflow would log a model_config as run params.
+        preprocessing = Path(scratch) / serving.PREPROCESSING_FILE
+        preprocessing.write_text(json.dumps({serving.RESIZE_KEY: resize}) + "\n")
+        artifacts = {
+            serving.KERAS_ARTIFACT: str(model_path),
+            serving.LABELS_ARTIFACT: str(labels_path),
+            serving.PREPROCESSING_ARTIFACT: str(preprocessing),
+        }
+        with reporting_errors(), warnings.catch_warnings():
+            # class_index is never missing: MLflow's hint about integer columns does not apply.
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
+            # No input schema: the model takes pixel arrays or a column of image files, and
+            # checks what it gets itself (an input schema can describe only one of the two).
+            outputs = infer_signature(None, _predict_example(artifacts, input_example)).outputs
+            experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+            logged = mlflow.initialize_logged_model(
+                name=MODEL_ARTIFACT,
+                source_run_id=run_id,
+                experiment_id=experiment_id,
+                tags=interface.tags(),
+            )
+            mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                model_id=logged.model_id,
+                python_model=module_path(SERVED_MODEL),
+                code_paths=[str(serving_code(Path(scratch) / "code"))],
+                artifacts=artifacts,
+                signature=ModelSignature(inputs=None, outputs=outputs),
+                input_example=input_example,
+                pip_requirements=requirements,
+            )
+    return LoggedModel(logged.model_id, f"models:/{logged.model_id}", run_id, interface)
+
+
+def register_version(
+    name: str,
+    logged: LoggedModel,
+    alias: str,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+) -> dict[str, str | int]:
+    """Make ``logged`` a new version of ``name`` with ``tags``, and point ``alias`` at it.
+
+    Returns name, version, alias, run id and model URI.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    with reporting_errors():
+        try:
+            client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name,
+            source=logged.model_uri,
+            run_id=logged.run_id,
+            tags={**logged.interface.tags(), **(tags or {})},
+            description=description,
+            model_id=logged.model_id,
+        )
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info("registered %s version %s as @%s", name, version.version, alias)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "alias": alias,
+        "run_id": logged.run_id,
+        "model_uri": f"models:/{name}/{version.version}",
+    }
+
+
+def _predict_example(artifacts: Mapping[str, str], input_example: pd.DataFrame) -> pd.DataFrame:
+    """What the model to be logged returns for ``input_example``, to infer its output schema."""
+    from mlflow.pyfunc import PythonModelContext
+
+    from classifier.serving import pyfunc
+
+    model = pyfunc.ImageClassifier()
+    model.load_context(PythonModelContext(artifacts=dict(artifacts), model_config=None))
+    return model.predict(None, input_example)
 
 
 def alias_run_id(name: str, alias: str) -> str | None:
@@ -88,89 +269,6 @@ def aliased_model(name: str, alias: str) -> tuple[int, Any] | None:
         return None
     with reporting_errors():
         return int(version.version), mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
-
-
-def register_model(
-    model_path: Path,
-    labels_path: Path,
-    resize: str,
-    name: str,
-    alias: str,
-    input_example: pd.DataFrame,
-    tags: Mapping[str, str] | None = None,
-) -> dict[str, str | int]:
-    """Log the image model to the active run, register a version of ``name``, alias it.
-
-    The logged model is ``classifier.serving``'s pyfunc, built from code (no pickle), with
-    the project modules it imports (:func:`serving_code`), the ``.keras`` file at
-    ``model_path``, the labels file and the ``resize`` policy. ``input_example`` is a
-    DataFrame of base64 image files; its predictions make the output schema. ``tags`` go
-    on the new version and on the run. Returns name, version, alias, run id and model URI.
-    """
-    import mlflow
-    from mlflow.models import ModelSignature, infer_signature
-
-    from classifier.serving import pyfunc as serving
-
-    run = mlflow.active_run()
-    if run is None:
-        raise TrackingError("register_model needs an active run (use resumed_run)")
-    # Pin what the model needs instead of letting MLflow re-import it to guess (slow).
-    requirements = [
-        f"{package}=={importlib.metadata.version(package)}"
-        for package in ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")
-    ]
-    with tempfile.TemporaryDirectory() as scratch:
-        # The resize policy travels as a file: MLflow would log a model_config as run params.
-        preprocessing = Path(scratch) / serving.PREPROCESSING_FILE
-        preprocessing.write_text(json.dumps({serving.RESIZE_KEY: resize}) + "\n")
-        artifacts = {
-            serving.KERAS_ARTIFACT: str(model_path),
-            serving.LABELS_ARTIFACT: str(labels_path),
-            serving.PREPROCESSING_ARTIFACT: str(preprocessing),
-        }
-        with reporting_errors(), warnings.catch_warnings():
-            # class_index is never missing: MLflow's hint about integer columns does not apply.
-            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
-            # No input schema: the model takes pixel arrays or a column of image files, and
-            # checks what it gets itself (an input schema can describe only one of the two).
-            outputs = infer_signature(None, _predict_example(artifacts, input_example)).outputs
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT,
-                python_model=module_path(SERVED_MODEL),
-                code_paths=[str(serving_code(Path(scratch) / "code"))],
-                artifacts=artifacts,
-                signature=ModelSignature(inputs=None, outputs=outputs),
-                input_example=input_example,
-                pip_requirements=requirements,
-                registered_model_name=name,
-            )
-    with reporting_errors():
-        version = int(info.registered_model_version)
-        client = mlflow.MlflowClient()
-        for key, value in (tags or {}).items():
-            client.set_model_version_tag(name, str(version), key, value)
-        mlflow.set_tags(dict(tags or {}))
-        client.set_registered_model_alias(name, alias, str(version))
-    log.info("registered %s version %s as @%s", name, version, alias)
-    return {
-        "name": name,
-        "version": version,
-        "alias": alias,
-        "run_id": run.info.run_id,
-        "model_uri": f"models:/{name}/{version}",
-    }
-
-
-def _predict_example(artifacts: Mapping[str, str], input_example: pd.DataFrame) -> pd.DataFrame:
-    """What the model to be logged returns for ``input_example``, to infer its output schema."""
-    from mlflow.pyfunc import PythonModelContext
-
-    from classifier.serving import pyfunc
-
-    model = pyfunc.ImageClassifier()
-    model.load_context(PythonModelContext(artifacts=dict(artifacts), model_config=None))
-    return model.predict(None, input_example)
 
 
 def newest_version_of_run(run_id: str) -> tuple[str, Any] | None:

@@ -6,12 +6,15 @@ process that died (SIGKILL) is marked KILLED by the next training run on the sam
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import secrets
 import socket
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +99,8 @@ def training_run(params: Mapping[str, Any], resume_run_id: str | None = None) ->
     close_orphaned_runs(experiment_id)
     tags = {**lineage_tags(), **process_tags()}
     if resume_run_id is None:
-        start_args: dict[str, Any] = {"run_name": tags.get(TAG_DVC_EXP_NAME), "tags": tags}
+        name = tags.get(TAG_DVC_EXP_NAME) or run_name(str(params.get("data.source", "run")))
+        start_args: dict[str, Any] = {"run_name": name, "tags": tags}
     else:
         start_args = {"run_id": resume_run_id}
     with _run(**start_args) as run_id:
@@ -107,6 +111,16 @@ def training_run(params: Mapping[str, Any], resume_run_id: str | None = None) ->
                 mlflow.set_tags({**tags, TAG_RESUMED: "true"})
         log.info("MLflow run %s in %s", run_id, tracking_uri())
         yield run_id
+
+
+def run_name(source: str, now: datetime.datetime | None = None) -> str:
+    """A name that says what the run is and is not shared: ``digits-20261201-093012-4f2a``.
+
+    The DVC experiment's name wins where there is one. MLflow's own random names repeat
+    here: training seeds Python's random generator before MLflow draws one.
+    """
+    now = now or datetime.datetime.now()
+    return f"{source}-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
@@ -153,18 +167,6 @@ def close_orphaned_runs(experiment_id: str) -> list[str]:
                 closed.append(run.info.run_id)
                 log.warning("run %s: its process %s is gone; marked KILLED", run.info.run_id, pid)
     return closed
-
-
-@contextmanager
-def resumed_run(run_id: str) -> Iterator[str]:
-    """Reopen the training run ``run_id`` so a later stage can add to it."""
-    import mlflow
-
-    connect()
-    with _run(run_id=run_id):
-        with reporting_errors():
-            mlflow.set_tags(process_tags())  # this process holds it open now
-        yield run_id
 
 
 def log_epoch(metrics: Mapping[str, float], epoch: int, wait: bool = True) -> Any:
@@ -296,3 +298,72 @@ def artifact_table(run_id: str, path: str) -> pd.DataFrame:
             return pd.DataFrame()
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
     return pd.read_csv(local, dtype={"class": str})
+
+
+# The tag each later stage (evaluate, export) leaves on the training run: how it ended.
+TAG_OUTCOME = "{stage}.outcome"
+OUTCOME_FINISHED, OUTCOME_FAILED, OUTCOME_KILLED = "FINISHED", "FAILED", "KILLED"
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A training run that a later stage adds to without reopening it.
+
+    MLflow's fluent API would mark the run RUNNING again, then KILLED or FAILED when the
+    later stage is interrupted or fails: a training run that finished must stay FINISHED.
+    Every call here names the run instead, through the client.
+    """
+
+    run_id: str
+
+    def _client(self) -> Any:
+        import mlflow
+
+        return mlflow.MlflowClient()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            with reporting_errors():
+                batch = [RunTag(key, str(value)) for key, value in tags.items()]
+                self._client().log_batch(self.run_id, tags=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+        if batch:
+            with reporting_errors():
+                self._client().log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_dir: str | None = None) -> None:
+        with reporting_errors():
+            self._client().log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_artifacts(self, directory: Path, artifact_dir: str) -> None:
+        with reporting_errors():
+            self._client().log_artifacts(self.run_id, str(directory), artifact_dir)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[FinishedRun]:
+        """Record how stage ``name`` ended as a tag on the run, and leave its status alone."""
+        tag = TAG_OUTCOME.format(stage=name)
+        try:
+            yield self
+        except BaseException as error:
+            outcome = OUTCOME_KILLED if isinstance(error, KeyboardInterrupt) else OUTCOME_FAILED
+            with suppress(Exception):  # the stage's own error matters more than this one
+                self.set_tags({tag: outcome})
+            raise
+        self.set_tags({tag: OUTCOME_FINISHED})
+
+
+def finished_run(run_id: str) -> FinishedRun:
+    """The training run ``run_id`` of the pipeline's store, for a later stage to add to."""
+    connect()
+    get_run(run_id)  # a TrackingError naming it if the store has no such run
+    return FinishedRun(run_id)

@@ -84,6 +84,7 @@ def living(group: ProcessGroup) -> list[int]:
 # ---------------------------------------------------------------------------- mnist
 
 
+@pytest.mark.slow
 def test_mnist_benchmark_runs_the_stages_on_idx_files_and_reports(
     tmp_path, results, monkeypatch, capsys
 ):

@@ -178,3 +178,42 @@ def test_archive_escaping_its_folder_is_refused_and_leaves_nothing(tmp_path):
         download.run(cfg, out_dir=tmp_path / "work" / "raw")
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
     assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_links_inside_the_folder_are_followed_and_links_out_of_it_are_skipped_and_listed(
+    tmp_path,
+):
+    photos = tmp_path / "photos"
+    written = make_image_folder(photos, broken=False)
+    outside = tmp_path / "elsewhere"
+    (outside / "secrets").mkdir(parents=True)
+    (outside / "secrets" / "passwords.png").write_bytes(b"not yours")
+    (outside / "lone.png").write_bytes(b"not yours either")
+    cat = written["cats"][0]
+    (photos / "dogs" / "alias.png").symlink_to(photos / "cats" / cat)  # inside: followed
+    (photos / "dogs" / "more").symlink_to(photos / "cats")  # a folder inside: followed
+    (photos / "system").symlink_to(outside / "secrets")  # a class folder outside: skipped
+    (photos / "cats" / "lone.png").symlink_to(outside / "lone.png")  # a file outside: skipped
+    (photos / "cats" / "gone.png").symlink_to(photos / "nothing-here.png")  # dangling: skipped
+
+    description = download.run(folder_params(photos), out_dir=tmp_path / "raw")
+    files = tmp_path / "raw" / "files"
+    assert sorted(p.name for p in files.iterdir()) == ["cats", "dogs"]
+    assert (files / "dogs" / "alias.png").read_bytes() == (photos / "cats" / cat).read_bytes()
+    assert sorted(p.name for p in (files / "dogs" / "more").iterdir()) == sorted(written["cats"])
+    assert not list(files.rglob("lone.png")) and not list(files.rglob("passwords.png"))
+    skipped = {link["link"]: link for link in description["skipped_links"]}
+    # Each path a skipped link was met by is listed: dogs/more is cats, by a link.
+    assert set(skipped) == {
+        "system",
+        "cats/lone.png",
+        "cats/gone.png",
+        "dogs/more/lone.png",
+        "dogs/more/gone.png",
+    }
+    assert skipped["system"]["reason"] == "points outside the folder"
+    assert skipped["cats/gone.png"]["reason"] == "points at nothing"
+    assert description["files_per_class"] == {
+        "cats": len(written["cats"]),
+        "dogs": len(written["dogs"]) + 1 + len(written["cats"]),
+    }

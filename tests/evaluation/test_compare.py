@@ -14,6 +14,11 @@ from stages import evaluate, export, train
 from stages.export import ExportOutputs
 from tests.helpers import TEST_EXPERIMENT, project_params
 
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("compare"),
+]  # subprocess pipelines, or minutes of training
+
 MODEL_NAME = "compare-test-cnn"
 
 

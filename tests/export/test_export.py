@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 from classifier.config import ExportParams
-from classifier.data.dataset import read_image_set
+from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set, write_image_set
 from classifier.export import formats, promotion
 from classifier.model.architectures import build_model
 from classifier.model.files import load_model
 from classifier.serving.pyfunc import png_frame, probabilities_of
-from classifier.tracking import registry
+from classifier.tracking import registry, runs, store
 from classifier.tracking.store import TrackingError
 from stages import export
 from stages.export import ExportOutputs
+from tests.helpers import TEST_EXPERIMENT
 
 
 @pytest.fixture
@@ -150,6 +151,55 @@ def test_a_format_that_fails_parity_fails_export_before_anything_is_registered(
     assert not list(tmp_path.iterdir())
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []
+    # The training run finished; export says how it ended without changing that.
+    run = client.get_run(trained.result.run_id)
+    assert (run.info.status, run.data.tags["export.outcome"]) == ("FINISHED", "FAILED")
+
+
+def test_ctrl_c_during_export_registers_nothing_and_leaves_the_training_run_finished(
+    trained, trained_store, tmp_path, model_name, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(formats, "export_and_check", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(trained, tmp_path, params(model_name))
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []
+    run = client.get_run(trained.result.run_id)
+    assert (run.info.status, run.data.tags["export.outcome"]) == ("FINISHED", "KILLED")
+
+
+def test_an_output_that_cannot_be_written_stops_export_before_anything_is_registered(
+    trained, trained_store, tmp_path, model_name, monkeypatch
+):
+    (tmp_path / "export.json").mkdir()  # where the registration record goes
+    called = []
+    monkeypatch.setattr(formats, "export_and_check", lambda *a, **k: called.append(a))
+    with pytest.raises(OSError, match=r"export\.json: is a folder, where the output file goes"):
+        run_export(trained, tmp_path, params(model_name))
+    assert called == []  # refused before any work
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []
+
+
+def test_a_registry_that_fails_at_the_last_step_leaves_no_version_and_no_record(
+    trained, trained_store, tmp_path, model_name, monkeypatch
+):
+    run_export(trained, tmp_path, params(model_name), tag="first")  # version 1, @champion
+
+    def refused(*args, **kwargs):
+        raise TrackingError("MLflow store: permission denied")
+
+    monkeypatch.setattr(registry, "register_version", refused)
+    with pytest.raises(TrackingError, match="permission denied"):
+        run_export(trained, tmp_path, params(model_name), tag="second")
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    assert [int(v.version) for v in versions] == [1]
+    assert int(client.get_model_version_by_alias(model_name, "champion").version) == 1
+    assert not (tmp_path / "second.json").exists()
 
 
 def test_first_model_below_the_floor_is_only_a_challenger(
@@ -161,6 +211,7 @@ def test_first_model_below_the_floor_is_only_a_challenger(
     assert registry.aliased_model(model_name, "champion") is None
 
 
+@pytest.mark.slow
 def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
     trained, trained_store, tmp_path, model_name, untrained_model_path
 ):
@@ -193,8 +244,90 @@ def test_failed_export_registers_nothing_and_writes_no_record(
     run_info = tmp_path / "run" / "train_run.json"
     run_info.parent.mkdir()
     run_info.write_text(json.dumps({"run_id": "0" * 32}))
-    with pytest.raises(TrackingError, match=r"MLflow store sqlite:///.*: Run .* not found"):
+    with pytest.raises(TrackingError, match=r"MLflow store sqlite:///.*: no run 0{32}$"):
         run_export(trained, tmp_path, params(model_name), run_info_path=run_info)
     assert [path.name for path in tmp_path.iterdir()] == ["run"]
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []
+
+
+FOREIGN_CHAMPION = "foreign-champion-test"
+
+
+@pytest.fixture(scope="module")
+def digits_champion(trained):
+    """The session's digits model registered as FOREIGN_CHAMPION@champion (28x28x1, 0-9)."""
+    test = read_image_set(trained.data_dir / "test")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", trained.store_uri)
+        patch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
+        store.connect()
+        logged = registry.log_served_model(
+            trained.result.run_id,
+            trained.model_path,
+            trained.data_dir / CLASSES_FILE,
+            "stretch",
+            png_frame(test.images[:2]),
+            registry.ModelInterface(test.class_names, test.image_shape),
+        )
+        return registry.register_version(FOREIGN_CHAMPION, logged, "champion")
+
+
+def candidate_of(root, class_names, shape):
+    """Prepared splits, an untrained model and a finished training run for images of
+    ``shape`` in ``class_names``: what export gets after training on other data."""
+    rng = np.random.default_rng(0)
+    prepared = root / "prepared"
+    for split, count in (("train", 12), ("test", 6)):
+        images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+        labels = np.arange(count) % len(class_names)
+        write_image_set(prepared / split, ImageSet(images, labels, tuple(class_names)))
+    (prepared / CLASSES_FILE).write_text(json.dumps(list(class_names)))
+    model_path = root / "model.keras"
+    build_model("reference_cnn", shape, len(class_names)).save(model_path)
+    with runs.training_run({"data.source": "other"}) as run_id:
+        pass
+    run_info = root / "train_run.json"
+    run_info.write_text(json.dumps({"run_id": run_id}))
+    return prepared, model_path, run_info
+
+
+DIGITS = tuple("0123456789")
+
+
+@pytest.mark.parametrize(
+    ("class_names", "shape", "difference"),
+    [
+        (("cat", "dog"), (28, 28, 1), "other classes"),
+        (DIGITS[::-1], (28, 28, 1), "the same classes in another order"),
+        (DIGITS, (32, 32, 1), "images of another size"),
+        (DIGITS, (28, 28, 3), "images of other channels"),
+    ],
+    ids=["classes", "order", "size", "channels"],
+)
+def test_a_champion_of_other_classes_or_images_is_never_compared_and_nothing_moves(
+    digits_champion, trained_store, tmp_path, class_names, shape, difference
+):
+    prepared, model_path, run_info = candidate_of(tmp_path, class_names, shape)
+    outputs = ExportOutputs.under(tmp_path / "out")
+    with pytest.raises(export.IncomparableChampion) as raised:
+        export.run(
+            params(FOREIGN_CHAMPION, floor=0.0),
+            resize="stretch",
+            data_dir=prepared,
+            model_path=model_path,
+            run_info_path=run_info,
+            outputs=outputs,
+        )
+    message = str(raised.value)
+    assert f"{FOREIGN_CHAMPION}@champion (version {digits_champion['version']}) answers" in message
+    assert f": {difference}, so the two cannot be compared" in message
+    assert "dvc exp run -S export.model_name=" in message
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    versions = client.search_model_versions(f"name = '{FOREIGN_CHAMPION}'")
+    assert [int(v.version) for v in versions] == [digits_champion["version"]]
+    champion = client.get_model_version_by_alias(FOREIGN_CHAMPION, "champion")
+    assert int(champion.version) == digits_champion["version"]
+    assert not [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
+    run = client.get_run(json.loads(run_info.read_text())["run_id"])
+    assert (run.info.status, run.data.tags["export.outcome"]) == ("FINISHED", "FAILED")

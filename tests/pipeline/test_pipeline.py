@@ -7,10 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import dvc.api
 import mlflow
 import numpy as np
 import pytest
@@ -24,13 +24,16 @@ from tests.helpers import (
     clone_repo,
     copy_project,
     init_git,
+    lock_outputs,
     make_image_folder,
+    run_in,
     run_ok,
     set_params,
     stages_run,
+    user_env,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 
 EPOCHS = 2
 QUEUE_DEADLINE_S = 600
@@ -118,7 +121,10 @@ def test_repro_tracks_a_finished_run_with_params_epochs_and_commit(repo):
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
     # Artifacts land beside the store, not in the working directory's default place.
-    assert (repo / "mlartifacts").is_dir()
+    assert tracked.info.artifact_uri.startswith((repo / "mlartifacts").resolve().as_uri())
+    history = Path(mlflow.artifacts.download_artifacts(f"{tracked.info.artifact_uri}/history.csv"))
+    assert history.read_bytes() == (repo / "plots/history.csv").read_bytes()
+    assert not (repo / "mlruns").exists()
 
 
 def test_repro_registers_the_model_under_its_alias_predicting_like_the_saved_one(repo):
@@ -229,9 +235,9 @@ def test_exp_run_shows_in_exp_show_names_its_run_and_reproduces_the_first_bit_fo
 
     # From the experiment's commit to its run and registered version.
     rev = revisions["again"]["rev"]
-    train_run = json.loads(run_ok(clone, "git", "show", f"{rev}:lineage/train_run.json"))
+    train_run = json.loads(dvc.api.read("lineage/train_run.json", repo=str(clone), rev=rev))
     assert train_run["run_id"] == tracked.info.run_id
-    registered = json.loads(run_ok(clone, "git", "show", f"{rev}:lineage/registered_model.json"))
+    registered = json.loads(dvc.api.read("lineage/registered_model.json", repo=str(clone), rev=rev))
     version = client(clone).get_model_version("digits-cnn", str(registered["version"]))
     assert version.run_id == tracked.info.run_id
 
@@ -301,19 +307,17 @@ def test_a_queued_experiment_logs_to_the_projects_own_store(clone):
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-def kill_during(repo: Path, marker: str) -> None:
-    """Start `dvc repro`; SIGKILL it and its stage as soon as it prints ``marker``.
+def kill_during(repo: Path, marker: str, sig: int = signal.SIGKILL) -> str:
+    """Start `dvc repro`; send ``sig`` to it and its stage as soon as it prints ``marker``.
 
     The markers are printed with work still to do (an epoch to train, formats to convert),
-    so the kill always lands mid-stage, however fast the machine.
+    so the signal always lands mid-stage, however fast the machine. SIGINT is Ctrl-C in the
+    terminal. Returns what `dvc repro` printed.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "true"
     process = subprocess.Popen(
         ["dvc", "repro"],
         cwd=repo,
-        env=env,
+        env=user_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -327,8 +331,9 @@ def kill_during(repo: Path, marker: str) -> None:
     else:
         pytest.fail(f"no line with {marker!r}:\n{''.join(seen)[-3000:]}")
     assert process.poll() is None, f"dvc repro ended before the kill:\n{''.join(seen)}"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
+    os.killpg(process.pid, sig)
+    rest, _ = process.communicate(timeout=120)
+    return "".join(seen) + rest
 
 
 def all_runs(repo: Path) -> list:
@@ -351,3 +356,41 @@ def test_sigkill_during_export_then_repro_recovers_and_keeps_the_champion(clone)
     record = json.loads((clone / "lineage/registered_model.json").read_text())
     assert record["alias"] == "challenger"
     assert client(clone).get_model_version_by_alias("digits-cnn", "champion").version == champion
+
+
+def assert_checkout_restores(repo: Path, before: dict[str, bytes]) -> None:
+    """`dvc checkout` puts every output back as it was before the failed stage."""
+    run_ok(repo, "dvc", "checkout")
+    assert lock_outputs(repo) == before
+
+
+def test_a_bad_param_fails_train_and_dvc_checkout_restores_every_output(clone):
+    before = lock_outputs(clone)
+    set_params(clone, epochs=0)
+    done = run_in(clone, "dvc", "repro")
+    assert done.returncode != 0
+    assert (
+        "train: error: params.yaml: train.epochs: input should be greater than or equal to 1"
+        in (done.stdout + done.stderr)
+    )
+    assert not (clone / "models/model.keras").exists()  # DVC removed it before train ran
+    assert_checkout_restores(clone, before)
+
+
+def test_ctrl_c_in_train_then_dvc_checkout_restores_every_output(clone):
+    before = lock_outputs(clone)
+    set_params(clone, epochs=1)
+    output = kill_during(clone, "train: MLflow run", signal.SIGINT)
+    assert "train: interrupted" in output
+    assert runs_with_status(clone, "RUNNING") == []  # the run ended KILLED, not left open
+    assert_checkout_restores(clone, before)
+
+
+def test_a_failed_download_then_dvc_checkout_restores_every_output(clone, tmp_path):
+    before = lock_outputs(clone)
+    set_params(clone, "data", source="folder", path=str(tmp_path / "no-such-folder"))
+    done = run_in(clone, "dvc", "repro")
+    assert done.returncode != 0
+    assert f"download: error: {tmp_path / 'no-such-folder'}: not a folder" in done.stderr
+    assert not (clone / "data/raw").exists()
+    assert_checkout_restores(clone, before)

@@ -25,6 +25,7 @@ from tests.helpers import (
     run_cli,
     sha256_of_file,
     snapshot,
+    stage_env,
     write_idx_files,
     write_params,
     zip_folder,
@@ -59,6 +60,10 @@ BAD_PARAMS = {
     ),
     "not yaml": (lambda raw: "train: [epochs: 3\n", r"not valid YAML: .*line 1"),
     "not a mapping": (lambda raw: "just some words\n", r"expected a mapping of sections, got str"),
+    "key given twice": (
+        lambda raw: "train:\n  epochs: 3\n  epochs: 4\n",
+        r"line 3: key 'epochs' is given twice \(first on line 2\); keep one",
+    ),
 }
 
 
@@ -71,6 +76,24 @@ def test_download_cli_names_file_and_key_of_bad_params_and_writes_nothing(tmp_pa
     assert error.startswith(f"{params}: ")
     assert re.search(message, error), error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_download_cli_names_a_params_file_that_is_not_utf8_and_writes_nothing(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_bytes((PROJECT_ROOT / "params.yaml").read_bytes().replace(b"digits", b"d\xefgits"))
+    done = run_cli("download", "--params", params, "--out", tmp_path / "data" / "raw")
+    error = failed_in_one_line(done, "download")
+    assert error.startswith(f"{params}: not UTF-8 text (byte 0xef at offset ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_log_level_that_does_not_exist_is_one_line_naming_it(tmp_path):
+    done = run_cli("download", "--out", tmp_path / "raw", env=stage_env(LOG_LEVEL="garbage"))
+    error = failed_in_one_line(done, "download")
+    assert error == (
+        "LOG_LEVEL: unknown level 'GARBAGE', expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    )
+    assert not (tmp_path / "raw").exists()
 
 
 def test_download_cli_names_a_missing_params_file_and_writes_nothing(tmp_path):

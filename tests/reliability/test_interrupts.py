@@ -18,6 +18,8 @@ import yaml
 from classifier.model.files import load_model
 from tests.helpers import PROJECT_ROOT, train_command
 
+pytestmark = pytest.mark.slow  # subprocess pipelines, or minutes of training
+
 EPOCHS = 4
 TEST_EXPERIMENT = "tests"
 

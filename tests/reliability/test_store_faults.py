@@ -39,6 +39,9 @@ from tests.helpers import (
     write_params,
 )
 
+# Its module fixtures are built once: every test here runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("store-faults")
+
 PATIENCE_MS = 300
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -226,6 +229,7 @@ def locked_mid_run(prepared_digits, tmp_path_factory) -> Outcome:
     return with_statuses(outcome, store)
 
 
+@pytest.mark.slow
 def test_store_locked_mid_run_fails_train_with_one_line_naming_it(locked_mid_run):
     outcome = locked_mid_run
     assert (outcome.error, outcome.code) == (None, 1)
@@ -236,14 +240,21 @@ def test_store_locked_mid_run_fails_train_with_one_line_naming_it(locked_mid_run
     assert "run.json" not in outcome.outputs
 
 
+@pytest.mark.slow
 def test_store_locked_mid_run_leaves_no_run_running_once_released(locked_mid_run):
     assert locked_mid_run.statuses == ["FAILED"]
 
 
+@pytest.mark.slow
 def test_store_locked_mid_run_prints_no_traceback(locked_mid_run):
+    # The helper catches what escapes train.main: an escaped error is the traceback a user
+    # would see, even if it never reached stderr here.
+    assert locked_mid_run.error is None, repr(locked_mid_run.error)
+    assert locked_mid_run.code == 1
     assert "Traceback" not in locked_mid_run.stderr
 
 
+@pytest.mark.slow
 def test_store_locked_shorter_than_the_patience_delays_train_but_loses_nothing(
     prepared_digits, tmp_path
 ):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,10 +14,11 @@ import pytest
 
 from classifier.data.dataset import read_image_set
 from classifier.model.files import load_model
+from classifier.processes import running
 from classifier.serving.pyfunc import png_frame
 from tests.helpers import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("model-server")]
 
 STARTUP_SECONDS = 180
 
@@ -57,29 +55,12 @@ def server(trained, registered, tmp_path_factory):
         "--port",
         str(port),
     ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the model server exited:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the model server did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running(
+        "mlflow models serve", command, env=env, log_path=log_path, health_url=f"{base}/ping",
+        timeout=STARTUP_SECONDS,
+    ):  # fmt: skip
         yield f"{base}/invocations"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

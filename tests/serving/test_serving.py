@@ -126,6 +126,7 @@ print(model.predict(np.load(sys.argv[2]))["class_index"].tolist())
 """
 
 
+@pytest.mark.slow
 def test_registered_model_runs_on_the_code_it_ships_alone(trained, registered, tmp_path):
     """In a fresh process that cannot import the project, the model imports its own copy."""
     test = read_image_set(trained.data_dir / "test")

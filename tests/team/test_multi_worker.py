@@ -19,6 +19,9 @@ from classifier.model.files import load_model
 from classifier.training.distributed import ClusterConfigError, cluster_from_env
 from tests.helpers import PROJECT_ROOT, TEST_EXPERIMENT, free_port, project_params, train_command
 
+# Its module fixtures are built once: every test here runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("multi-worker")
+
 EPOCHS = 2
 OUTPUTS = ("model.keras", "history.csv", "train.json", "run.json", "checkpoint")
 
@@ -88,6 +91,7 @@ def two_workers_and_one(prepared_digits, tmp_path_factory):
     return root, logs
 
 
+@pytest.mark.slow
 def test_two_workers_reach_the_single_worker_result(two_workers_and_one, prepared_digits):
     root, _ = two_workers_and_one
     chief, alone = root / "worker0", root / "alone"
@@ -115,6 +119,7 @@ def test_two_workers_reach_the_single_worker_result(two_workers_and_one, prepare
     assert accuracies[0] > 0.8  # and it learned: a tenth would be chance
 
 
+@pytest.mark.slow
 def test_only_the_chief_logs_to_mlflow_and_writes_outputs(two_workers_and_one):
     root, logs = two_workers_and_one
     for name in OUTPUTS:
@@ -136,6 +141,7 @@ def test_only_the_chief_logs_to_mlflow_and_writes_outputs(two_workers_and_one):
     assert "train.workers" not in single.data.tags
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_chief_with_one_error_and_a_failed_run(prepared_digits, tmp_path):
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params["train"]["epochs"] = 100  # far longer than the test waits

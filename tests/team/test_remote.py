@@ -11,7 +11,8 @@ import yaml
 
 from tests.helpers import DVC_REMOTE, S3_KEY_ID, S3_SECRET, Clone, S3Store, run_command
 
-pytestmark = pytest.mark.slow
+# One worker builds the team (S3, MLflow server, PostgreSQL, two clones) and runs these.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team")]
 EXPERIMENT = "team-two-epochs"
 
 

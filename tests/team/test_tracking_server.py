@@ -20,7 +20,8 @@ from tests.helpers import (
     postgres_missing,
 )
 
-pytestmark = pytest.mark.slow
+# One worker builds the team (S3, MLflow server, PostgreSQL, two clones) and runs these.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("team")]
 EXPERIMENT = "image-classification"
 # A client that has no S3 credentials, only the server's address and its own login.
 PREDICT = """

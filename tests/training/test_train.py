@@ -75,8 +75,10 @@ def test_training_run_records_each_split_as_a_dataset_input(trained):
 def run_statuses(store_uri: str) -> list[str]:
     """The status of every run in the test experiment of ``store_uri``."""
     client = mlflow.MlflowClient(tracking_uri=store_uri)
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    return [run.info.status for run in runs]
+    experiment = client.get_experiment_by_name("tests")
+    if experiment is None:  # nothing ever connected to the store
+        return []
+    return [run.info.status for run in client.search_runs([experiment.experiment_id])]
 
 
 def train_two_epochs(data_dir, out_dir):
@@ -199,13 +201,25 @@ def test_explicit_precision_is_taken_as_it_is():
     assert precision.resolve_precision("mixed_bfloat16", CPUINFO_PLAIN) == "mixed_bfloat16"
 
 
-def train_one_epoch(data_dir, out_dir, **overrides):
+def train_one_epoch(data_dir, out_dir, callbacks=(), **overrides):
     """The train stage's run() for one epoch with ``overrides`` of train.*."""
     return train.run(
         project_params(train={"epochs": 1, **overrides}),
         data_dir=data_dir,
         outputs=train.TrainOutputs.under(out_dir),
+        callbacks=callbacks,
     )
+
+
+class ComputeDtype(keras.callbacks.Callback):
+    """Notes the dtype the model being fitted computes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self.seen.add(self.model.compute_dtype)
 
 
 def test_steps_per_execution_changes_the_speed_not_the_result(
@@ -226,7 +240,11 @@ def test_steps_per_execution_changes_the_speed_not_the_result(
 def test_model_trained_in_bfloat16_is_saved_as_a_float32_model(
     prepared_digits, tmp_path, mlflow_store
 ):
-    result = train_one_epoch(prepared_digits, tmp_path, precision="mixed_bfloat16")
+    during = ComputeDtype()
+    result = train_one_epoch(
+        prepared_digits, tmp_path, callbacks=[during], precision="mixed_bfloat16"
+    )
+    assert during.seen == {"bfloat16"}  # it trained in bfloat16...
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     saved = load_model(str(tmp_path / "model.keras"))
     for model in (saved, result.model):
@@ -240,6 +258,7 @@ def test_model_trained_in_bfloat16_is_saved_as_a_float32_model(
     assert result.history["val_accuracy"].iloc[-1] > 0.5
 
 
+@pytest.mark.slow
 def test_warmup_cosine_schedule_changes_the_logged_learning_rate(
     prepared_digits, tmp_path, mlflow_store
 ):
@@ -318,11 +337,38 @@ def test_affine_augmentation_moves_each_image_within_bounds_the_same_for_the_sam
 
 @pytest.mark.parametrize("augment", ["shift", "affine"])
 def test_augmentation_trains_and_leaves_the_saved_model_without_it(
-    augment, prepared_digits, tmp_path, mlflow_store
+    augment, prepared_digits, tmp_path, mlflow_store, monkeypatch
 ):
+    fitted = []
+    real_fit = keras.Model.fit
+
+    def recording_fit(model, images, *args, **kwargs):
+        fitted.append(np.array(images))
+        return real_fit(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", recording_fit)
     result = train_one_epoch(prepared_digits, tmp_path, augment=augment, precision="float32")
+    # What fit got is the epoch's shuffle of the training images, changed by the augmentation.
+    train_images = read_image_set(prepared_digits / "train").images
+    seed = project_params().train.seed
+    shuffled = train_images[loop.epoch_order(seed, 0, len(train_images))]
+    (images,) = fitted
+    assert images.shape == shuffled.shape
+    changed = np.mean(np.any(images != shuffled, axis=(1, 2, 3)))
+    assert changed > 0.5, f"only {changed:.0%} of the images were augmented"
     layer_types = {
         type(layer).__name__ for layer in load_model(str(tmp_path / "model.keras")).layers
     }
     assert not any(name.startswith("Random") for name in layer_types)
     assert result.history["val_accuracy"].iloc[-1] > 0.3
+
+
+def test_an_output_that_cannot_be_written_stops_train_before_any_epoch(
+    prepared_digits, tmp_path, mlflow_store
+):
+    outputs = train.TrainOutputs.under(tmp_path)
+    outputs.model.mkdir()  # a folder where the model file goes
+    with pytest.raises(OSError, match=r"model\.keras: is a folder, where the output file goes"):
+        train.run(project_params(), data_dir=prepared_digits, outputs=outputs)
+    assert run_statuses(mlflow_store) == []  # no run opened: nothing was trained
+    assert not outputs.checkpoint.exists()

@@ -1,20 +1,23 @@
-"""The MLflow UI as a person browsing it would see it: a real `mlflow ui` on 127.0.0.1."""
+"""What the MLflow UI shows, read from the REST API and files it loads, of a real `mlflow ui`.
+
+These tests check the server's answers (the runs, metrics, pictures and model the UI's pages
+request), not the rendered pages: no browser runs here.
+"""
 
 import json
-import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 
 import pytest
 
 from classifier.config import EvaluateParams, ExportParams
+from classifier.processes import running
 from stages import evaluate, export
 from stages.export import ExportOutputs
 from tests.helpers import TEST_EXPERIMENT, TRAIN_EPOCHS, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-ui")]
 MODEL_NAME = "ui-test-cnn"
 STARTUP_SECONDS = 90
 
@@ -54,38 +57,14 @@ def ui(trained, tmp_path_factory):
             ),
         )
     port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            trained.store_uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", trained.store_uri]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow ui did not start") from None
-                time.sleep(0.5)
+    with running(
+        "mlflow ui", command, log_path=out / "ui.log", health_url=f"{base}/health",
+        timeout=STARTUP_SECONDS,
+    ):  # fmt: skip
         yield base
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def get(base: str, route: str, **query) -> bytes:
@@ -106,7 +85,7 @@ def api(base: str, endpoint: str, body: dict | None = None, **query) -> dict:
         return json.loads(response.read())
 
 
-def test_the_ui_shows_the_run_with_params_metrics_and_history(ui, trained):
+def test_the_ui_server_answers_the_run_with_params_metrics_and_history(ui, trained):
     experiment = api(ui, "experiments/get-by-name", experiment_name=TEST_EXPERIMENT)["experiment"]
     runs = api(ui, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
     run = next(r for r in runs if r["info"]["run_id"] == trained.result.run_id)
@@ -121,7 +100,7 @@ def test_the_ui_shows_the_run_with_params_metrics_and_history(ui, trained):
     assert [m["step"] for m in history["metrics"]] == list(range(1, TRAIN_EPOCHS + 1))
 
 
-def test_the_ui_serves_the_evaluation_pictures(ui, trained):
+def test_the_ui_server_serves_the_evaluation_pictures(ui, trained):
     listed = api(ui, "artifacts/list", run_id=trained.result.run_id, path="evaluation")
     names = {f["path"] for f in listed["files"]}
     assert {"evaluation/confusion.png", "evaluation/misclassified.png"} <= names
@@ -131,7 +110,7 @@ def test_the_ui_serves_the_evaluation_pictures(ui, trained):
     assert picture.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_the_ui_shows_the_registered_model_with_its_alias(ui, trained):
+def test_the_ui_server_answers_the_registered_model_with_its_alias(ui, trained):
     model = api(ui, "registered-models/get", name=MODEL_NAME)["registered_model"]
     aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
     assert aliases == {"champion": "1"}

@@ -1,0 +1,151 @@
+"""One pipeline run at a time in a DVC workspace: a guard every stage takes while it runs.
+
+DVC runs one experiment at a time in a workspace (``dvc exp run --queue`` runs several,
+each in a copy of its own), but it does not stop a second ``dvc exp run`` there: the second
+writes its ``-S`` values into params.yaml while the first is still running, the first goes
+on with them, and DVC then fails both. Under DVC (which sets ``DVC_ROOT`` for every stage)
+each stage therefore:
+
+- takes an exclusive lock for the workspace, so a stage of another run that starts while
+  one runs stops at once, naming the running one and pointing to ``--queue``;
+- records params.yaml's content hash for its pipeline run (the ``dvc`` process that runs
+  it), so a later stage of the same run stops when params.yaml changed under it, rather
+  than mixing two sets of params in one result.
+
+Outside DVC (a stage run by hand, the tests) nothing is checked. Linux and macOS only (fcntl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from classifier.errors import StageError
+
+LOCK_FILE = Path(".dvc") / "tmp" / "classifier-stage.lock"
+STATE_FILE = Path(".dvc") / "tmp" / "classifier-stage.json"
+SHELLS = frozenset({"sh", "bash", "dash", "zsh"})
+QUEUE_HINT = (
+    "run experiments one at a time, or queue them: dvc exp run --queue ...; dvc queue start"
+)
+
+
+class ConcurrentRun(StageError):
+    """Another pipeline run is using this workspace, or changed params.yaml under this one."""
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def pipeline_pid() -> int:
+    """The process running this stage's pipeline: the first ancestor that is not a shell."""
+    pid = os.getppid()
+    while _comm(pid) in SHELLS:
+        pid = _parent(pid)
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    experiment = f" of experiment {holder['experiment']!r}" if holder.get("experiment") else ""
+    return f"stage {holder.get('stage')}{experiment} (pid {holder.get('pid')})"
+
+
+@contextlib.contextmanager
+def exclusive_stage(stage: str, params_path: Path) -> Iterator[None]:
+    """Hold the workspace for stage ``stage`` while the block runs (only under DVC)."""
+    root = os.environ.get("DVC_ROOT")
+    if not root:
+        yield
+        return
+    import fcntl
+
+    lock_path, state_path = Path(root) / LOCK_FILE, Path(root) / STATE_FILE
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(state_path).get("running", {})
+            raise ConcurrentRun(
+                f"another pipeline run is using this workspace: {_describe(holder)} is "
+                f"running; {QUEUE_HINT}"
+            ) from None
+        try:
+            _claim(state_path, stage, params_path)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _read(state_path: Path) -> dict:
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _claim(state_path: Path, stage: str, params_path: Path) -> None:
+    """Record this stage's pipeline run; stop if another live run holds the workspace, or if
+    params.yaml changed since an earlier stage of this one."""
+    try:
+        digest = hashlib.sha256(Path(params_path).read_bytes()).hexdigest()
+    except OSError:
+        digest = ""  # loading the params reports a missing file, in its own words
+    mine, state = pipeline_pid(), _read(state_path)
+    runs = {
+        int(pid): run
+        for pid, run in (state.get("runs") or {}).items()
+        if str(pid).isdigit() and _alive(int(pid))
+    }
+    others = [run for pid, run in runs.items() if pid != mine]
+    if others:
+        raise ConcurrentRun(
+            f"another pipeline run is using this workspace: {_describe(others[0])} ran last; "
+            f"{QUEUE_HINT}"
+        )
+    if mine in runs and runs[mine].get("params_sha256") != digest:
+        raise ConcurrentRun(
+            f"{params_path} changed while this pipeline ran (after stage "
+            f"{runs[mine].get('stage')}); another `dvc exp run` in this workspace? Its "
+            f"results would mix two sets of params; {QUEUE_HINT}"
+        )
+    run = {
+        "params_sha256": digest,
+        "stage": stage,
+        "pid": os.getpid(),
+        "experiment": os.environ.get("DVC_EXP_NAME", ""),
+    }
+    _write(state_path, {"runs": {str(mine): run}, "running": run})
+
+
+def _write(state_path: Path, state: dict) -> None:
+    tmp = state_path.with_name(f".{state_path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(state) + "\n")
+    os.replace(tmp, state_path)

@@ -1,0 +1,53 @@
+"""The layout is the architecture: five thin stages, the library apart, short functions."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.helpers import PROJECT_ROOT, STAGES
+
+# Longer than this, a function needs a comment above it saying why it is one piece.
+MAX_FUNCTION_LINES = 60
+LONG_BECAUSE = "# Long because"
+CODE = ("classifier", "stages", "tools")
+
+
+def test_stages_holds_the_five_stage_modules_and_nothing_else():
+    modules = {path.stem for path in (PROJECT_ROOT / "stages").glob("*.py")}
+    assert modules == {"__init__", *STAGES}
+
+
+def long_functions(path: Path) -> list[str]:
+    """Functions in ``path`` over the limit without a ``# Long because`` comment above them."""
+    lines = path.read_text().splitlines()
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        length = node.end_lineno - node.lineno + 1
+        first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+        reason = lines[first - 2].strip() if first >= 2 else ""
+        if length > MAX_FUNCTION_LINES and not reason.startswith(LONG_BECAUSE):
+            found.append(f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} {node.name} ({length})")
+    return found
+
+
+def test_no_function_is_over_sixty_lines_without_a_reason_beside_it():
+    too_long = [
+        found
+        for root in CODE
+        for path in sorted((PROJECT_ROOT / root).rglob("*.py"))
+        for found in long_functions(path)
+    ]
+    assert too_long == []
+
+
+def test_a_long_function_without_a_reason_is_found(tmp_path, monkeypatch):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    module = tmp_path / "module.py"
+    module.write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    monkeypatch.setattr("tests.pipeline.test_layout.PROJECT_ROOT", tmp_path)
+    assert long_functions(module) == [f"module.py:5 long ({MAX_FUNCTION_LINES + 1})"]
+    module.write_text(f"{LONG_BECAUSE} it is a test.\ndef long():\n{body}\n")
+    assert long_functions(module) == []

@@ -1,0 +1,79 @@
+"""The entry points beside the pipeline: one clear line when there is nothing to do."""
+
+from __future__ import annotations
+
+import socket
+
+import mlflow
+
+from classifier.tracking import runs, store
+from tests.helpers import free_port
+from tools import compare, serve, ui
+
+
+def test_ui_on_a_port_in_use_exits_1_in_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert ui.main(["--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"ui: error: port {port} on 127.0.0.1 is in use (Address already in use); "
+        f"choose another: make ui MLFLOW_PORT={port + 1}\n"
+    )
+
+
+def test_serve_with_no_registered_model_exits_1_in_one_line(mlflow_store, capsys):
+    assert serve.main(["--model-name", "never-registered"]) == 1
+    assert capsys.readouterr().err == (
+        f"serve: error: no version of never-registered is @champion in {mlflow_store}; "
+        "run the pipeline (make run) first, or name another model with --model-name\n"
+    )
+
+
+def finished_run_named(name: str) -> str:
+    with runs.training_run({"data.source": "test"}) as run_id:
+        mlflow.set_tag("mlflow.runName", name)
+    return run_id
+
+
+def test_compare_refuses_a_name_two_runs_share_and_lists_them(mlflow_store, tmp_path, capsys):
+    first, second = finished_run_named("same"), finished_run_named("same")
+    other = finished_run_named("other")
+    code = compare.main(["same", "other", "--out", str(tmp_path / "c.html")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err.startswith("compare: error: 2 finished runs are named 'same'; give a run id")
+    assert first in err and second in err and other not in err
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_compare_of_a_run_id_that_does_not_exist_is_one_line(mlflow_store, tmp_path, capsys):
+    finished_run_named("one")
+    code = compare.main(["0" * 32, "one", "--out", str(tmp_path / "c.html")])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"compare: error: MLflow store {mlflow_store}: no run {'0' * 32}\n"
+    )
+
+
+def test_compare_on_a_store_that_does_not_answer_is_one_line(monkeypatch, tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert compare.main(["--out", str(tmp_path / "c.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"compare: error: MLflow store {uri}: the tracking server does not")
+    assert len(err.splitlines()) == 1
+
+
+def test_training_runs_without_a_dvc_experiment_get_names_of_their_own(mlflow_store, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    names = set()
+    for _ in range(3):
+        with runs.training_run({"data.source": "digits"}) as run_id:
+            pass
+        names.add(mlflow.MlflowClient().get_run(run_id).info.run_name)
+    assert len(names) == 3
+    assert all(name.startswith("digits-") for name in names)
+    assert store.tracking_uri() == mlflow_store
