@@ -77,3 +77,12 @@ def test_training_runs_without_a_dvc_experiment_get_names_of_their_own(mlflow_st
     assert len(names) == 3
     assert all(name.startswith("digits-") for name in names)
     assert store.tracking_uri() == mlflow_store
+
+
+def test_ui_points_at_the_pipelines_runs_in_the_model_training_view(mlflow_store):
+    url = ui.experiment_url("127.0.0.1", 5000)
+    experiment_id = mlflow.MlflowClient(mlflow_store).get_experiment_by_name("tests")
+    assert url == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id.experiment_id}"
+        "?workflowType=machine_learning"
+    )

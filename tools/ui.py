@@ -4,8 +4,11 @@
     python -m tools.ui --port 5050
 
 It opens the store the pipeline logs to (``MLFLOW_TRACKING_URI``, else ``mlflow.db`` at the
-project root). A port that is already taken is one error line and exit code 1: MLflow's own
-``mlflow ui`` prints "Address already in use" and exits 0.
+project root), and prints the address of the pipeline's experiment in the UI's model
+training view: MLflow 3's UI opens on its GenAI view (traces) unless the address asks for
+``workflowType=machine_learning`` (it then remembers the choice). A port that is already
+taken is one error line and exit code 1: MLflow's own ``mlflow ui`` prints "Address already
+in use" and exits 0.
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from collections.abc import Sequence
 from classifier.cli import run_stage
 from classifier.errors import StageError
 from classifier.tracking import store
+
+# The UI's view of training runs (its other view, the default, is for GenAI traces).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(host: str, port: int) -> str:
+    """Where the pipeline's runs are in the UI."""
+    experiment_id = store.connect()
+    return f"http://{host}:{port}/#/experiments/{experiment_id}?{MODEL_TRAINING_VIEW}"
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -54,10 +66,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    code = run_stage("ui", lambda: check_port_free(args.host, args.port))
+    url: list[str] = []
+
+    def body() -> None:
+        check_port_free(args.host, args.port)
+        url.append(experiment_url(args.host, args.port))
+
+    code = run_stage("ui", body)
     if code:
         return code
-    print(f"MLflow UI on http://{args.host}:{args.port} (store: {store.tracking_uri()})")
+    print(f"MLflow UI: {url[0]}\n(store: {store.tracking_uri()})")
     sys.stdout.flush()
     os.execv(sys.executable, command(args.host, args.port))  # Ctrl-C goes to MLflow itself
     return 0  # not reached: the MLflow UI replaced this process

@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from classifier.config import EvaluateParams, ExportParams
+from classifier.config import EvaluateParams
 from classifier.data.dataset import read_image_set
 from classifier.evaluation import compare
 from classifier.model.files import load_model
-from stages import evaluate, export, train
-from stages.export import ExportOutputs
+from classifier.serving.pyfunc import png_frame
+from classifier.tracking import registry
+from stages import evaluate, train
 from tests.helpers import TEST_EXPERIMENT, project_params
 
 pytestmark = [
@@ -20,6 +21,7 @@ pytestmark = [
 ]  # subprocess pipelines, or minutes of training
 
 MODEL_NAME = "compare-test-cnn"
+ALIASES = {"long": "champion", "short": "challenger"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class Compared:
 
 @pytest.fixture(scope="module")
 def two_runs(trained, tmp_path_factory) -> dict[str, Compared]:
-    """The session's 3-epoch run and a new 1-epoch run, both evaluated and exported."""
+    """The session's 3-epoch run and a new 1-epoch run, both evaluated and registered."""
     root = tmp_path_factory.mktemp("one-epoch")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", trained.store_uri)
@@ -59,12 +61,7 @@ def two_runs(trained, tmp_path_factory) -> dict[str, Compared]:
                 root / "history.csv",
             ),
         }
-        cfg = ExportParams(
-            model_name=MODEL_NAME,
-            accuracy_floor=0.0,
-            promotion_margin=0.0,
-            int8_max_accuracy_drop=1.0,  # an untrained model's int8 copy is not the point
-        )
+        test = read_image_set(trained.data_dir / "test")
         compared = {}
         for name, (run_id, model, run_info, history) in runs.items():
             out = tmp_path_factory.mktemp(name)
@@ -78,19 +75,13 @@ def two_runs(trained, tmp_path_factory) -> dict[str, Compared]:
                 plots_dir=out / "plots",
             )
             per_class = pd.read_csv(out / "plots" / "per_class.csv", dtype={"class": str})
-            export.run(
-                cfg,
-                resize="stretch",
-                data_dir=trained.data_dir,
-                model_path=model,
-                run_info_path=run_info,
-                outputs=ExportOutputs(
-                    formats=out / "formats",
-                    format_metrics=out / "formats.json",
-                    registered=out / "reg.json",
-                    decision=out / "dec.json",
-                ),
-            )
+            # Registered as export would (champion: the longer run), without its formats.
+            interface = registry.ModelInterface(test.class_names, test.image_shape)
+            logged = registry.log_served_model(
+                run_id, model, trained.data_dir / "classes.json", "stretch",
+                png_frame(test.images[:2]), interface,
+            )  # fmt: skip
+            registry.register_version(MODEL_NAME, logged, ALIASES[name])
             compared[name] = Compared(run_id, model, metrics, per_class.set_index("class"))
     return compared
 

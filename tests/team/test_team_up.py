@@ -66,7 +66,7 @@ def test_team_up_exports_work_and_ctrl_c_under_load_leaves_no_process_behind(tmp
     mlflow_port, s3_port = free_port(), free_port()
     command = [sys.executable, "-m", "tools.team_up", "--dir", str(team_dir)]
     command += ["--mlflow-port", str(mlflow_port), "--s3-port", str(s3_port), "--user", "carol"]
-    with cpu_burner(processes=2):
+    with cpu_burner(processes=1):  # one core busy, the other shared with the test workers
         group = ProcessGroup.start(
             "team-up", command, cwd=PROJECT_ROOT, env=base_env(), log_path=log
         )

@@ -11,20 +11,20 @@ import urllib.request
 
 import pytest
 
-from classifier.config import EvaluateParams, ExportParams
+from classifier.config import EvaluateParams
 from classifier.processes import running
-from stages import evaluate, export
-from stages.export import ExportOutputs
+from stages import evaluate
 from tests.helpers import TEST_EXPERIMENT, TRAIN_EPOCHS, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-ui")]
-MODEL_NAME = "ui-test-cnn"
+MODEL_NAME = "test-serving"  # the session's `registered` fixture
 STARTUP_SECONDS = 90
 
 
 @pytest.fixture(scope="module")
-def ui(trained, tmp_path_factory):
-    """A store with an evaluated, exported run, served by `mlflow ui` as `make ui` does."""
+def ui(trained, registered, tmp_path_factory):
+    """A store with an evaluated run and its registered model, served by `mlflow ui` as
+    `make ui` does (the registration is the session's, without export's format checks)."""
     out = tmp_path_factory.mktemp("ui")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", trained.store_uri)
@@ -37,24 +37,6 @@ def ui(trained, tmp_path_factory):
             history_path=trained.history_path,
             metrics_path=out / "evaluate.json",
             plots_dir=out / "plots",
-        )
-        export.run(
-            ExportParams(
-                model_name=MODEL_NAME,
-                accuracy_floor=0.0,
-                promotion_margin=0.0,
-                int8_max_accuracy_drop=1.0,
-            ),
-            resize="stretch",
-            data_dir=trained.data_dir,
-            model_path=trained.model_path,
-            run_info_path=trained.run_info_path,
-            outputs=ExportOutputs(
-                formats=out / "formats",
-                format_metrics=out / "formats.json",
-                registered=out / "registered.json",
-                decision=out / "decision.json",
-            ),
         )
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", trained.store_uri]
@@ -110,11 +92,12 @@ def test_the_ui_server_serves_the_evaluation_pictures(ui, trained):
     assert picture.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_the_ui_server_answers_the_registered_model_with_its_alias(ui, trained):
+def test_the_ui_server_answers_the_registered_model_with_its_alias(ui, trained, registered):
     model = api(ui, "registered-models/get", name=MODEL_NAME)["registered_model"]
     aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
-    assert aliases == {"champion": "1"}
-    version = api(ui, "model-versions/get", name=MODEL_NAME, version="1")["model_version"]
+    assert aliases == {"champion": str(registered["version"])}
+    version = api(ui, "model-versions/get", name=MODEL_NAME, version=str(registered["version"]))
+    version = version["model_version"]
     assert version["run_id"] == trained.result.run_id
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert tags["promotion.decision"] == "champion"

@@ -372,3 +372,18 @@ def test_an_output_that_cannot_be_written_stops_train_before_any_epoch(
         train.run(project_params(), data_dir=prepared_digits, outputs=outputs)
     assert run_statuses(mlflow_store) == []  # no run opened: nothing was trained
     assert not outputs.checkpoint.exists()
+
+
+def test_the_progress_line_counts_epochs_out_of_the_runs_total(
+    prepared_digits, tmp_path, mlflow_store, capsys
+):
+    train.run(
+        project_params(train={"epochs": 2}),
+        data_dir=prepared_digits,
+        outputs=train.TrainOutputs.under(tmp_path),
+    )
+    printed = capsys.readouterr().out
+    # One fit call per epoch (each on its own shuffle): Keras alone would print nothing for
+    # the first (a fit of one epoch) and "Epoch 2/2" for the second.
+    counted = [line.split()[1] for line in printed.splitlines() if line.startswith("Epoch ")]
+    assert counted == ["1/2", "2/2"]
