@@ -24,6 +24,9 @@ class _Section(BaseModel):
 
 
 SOURCES_WITH_PATH = ("idx_dir", "folder", "archive")
+PRETRAINED_CHOICES = ("none", "imagenet")
+BACKBONE_ARCHITECTURES = ("mobilenet_v3_small", "efficientnet_v2_b0")
+PRETRAINED_DIR = "pretrained/"
 MIRROR_SCHEMES = ("https://", "http://", "file://")
 
 
@@ -57,12 +60,19 @@ class PreprocessParams(_Section):
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5)
     seed: int = Field(ge=0)
+    # Images whose perceptual hashes differ in at most this many of 64 bits are near-
+    # duplicates (a resized or re-encoded copy) and land in one split, like exact copies.
+    near_duplicate_distance: int = Field(ge=0, le=32)
+    # Sources with their own test set (IDX): drop training images that duplicate a test image.
+    drop_test_duplicates_from_train: bool
 
 
 class TrainParams(_Section):
     """The network and how it is fitted (stage ``train``)."""
 
-    architecture: Literal["reference_cnn", "small_bn_cnn"]
+    architecture: Literal[
+        "reference_cnn", "small_bn_cnn", "photo_resnet", "mobilenet_v3_small", "efficientnet_v2_b0"
+    ]
     epochs: int = Field(ge=1, le=10_000)
     batch_size: int = Field(ge=1, le=65_536)
     learning_rate: float = Field(gt=0, le=10)
@@ -70,13 +80,45 @@ class TrainParams(_Section):
     # to learning_rate over warmup_epochs, then cosine decay to zero at the last epoch.
     schedule: Literal["constant", "warmup_cosine"]
     warmup_epochs: float = Field(ge=0, le=10_000)
-    augment: Literal["none", "shift", "affine"]
+    augment: Literal["none", "shift", "affine", "photo"]
     # Batches per compiled call (Keras's steps_per_execution): speed only, same weights.
     steps_per_execution: int = Field(ge=1, le=100_000)
     # auto: mixed_bfloat16 where the CPU has bf16 instructions (AMX or AVX512_BF16).
     precision: Literal["auto", "float32", "mixed_bfloat16"]
     seed: int = Field(ge=0)
     resume: bool
+    # AdamW's decoupled weight decay (0: plain Adam) and the labels' smoothing (0: none).
+    weight_decay: float = Field(ge=0, le=1)
+    label_smoothing: float = Field(ge=0, lt=1)
+    # Fit a temperature on the validation split after training and build it into the model.
+    calibrate: bool
+    # Backbones (mobilenet_v3_small, efficientnet_v2_b0): none (random weights), imagenet
+    # (Keras's cache), or a .weights.h5 file under pretrained/ (a DVC dependency of train).
+    pretrained: str = Field(min_length=1)
+    # After the head alone, the top fine_tune_layers of the backbone train for
+    # fine_tune_epochs more at fine_tune_learning_rate (0 layers or 0 epochs: no second phase).
+    fine_tune_layers: int = Field(ge=0, le=10_000)
+    fine_tune_epochs: int = Field(ge=0, le=10_000)
+    fine_tune_learning_rate: float = Field(gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _pretrained_is_known(self) -> TrainParams:
+        if self.pretrained != "none" and self.architecture not in BACKBONE_ARCHITECTURES:
+            raise ValueError(
+                f"train.pretrained: {self.pretrained} applies to the backbones "
+                f"({', '.join(BACKBONE_ARCHITECTURES)}), not to {self.architecture}; "
+                "set it to none"
+            )
+        if self.pretrained in PRETRAINED_CHOICES:
+            return self
+        if not (
+            self.pretrained.startswith(PRETRAINED_DIR) and self.pretrained.endswith(".weights.h5")
+        ):
+            raise ValueError(
+                f"train.pretrained: expected none, imagenet or a {PRETRAINED_DIR}<name>.weights.h5 "
+                f"file (the folder train depends on), got {self.pretrained!r}"
+            )
+        return self
 
 
 class EvaluateParams(_Section):
@@ -89,9 +131,25 @@ class ExportParams(_Section):
     """What the model is registered as, and when it becomes @champion (stage ``export``)."""
 
     model_name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\-]*$")
-    accuracy_floor: float = Field(ge=0, le=1)
+    # auto: the candidate must beat always guessing the test set's largest class,
+    # significantly (an exact binomial test at promotion_alpha); or a fixed accuracy.
+    accuracy_floor: Literal["auto"] | float = Field(union_mode="left_to_right")
     promotion_margin: float = Field(ge=0, le=1)
+    # A challenger replaces the champion only if McNemar's exact test on the test images
+    # they disagree on says it is better at this level.
+    promotion_alpha: float = Field(gt=0, lt=1)
     int8_max_accuracy_drop: float = Field(ge=0, le=1)
+    # The int8 model is left out when its drop exceeds the bound and McNemar's exact test
+    # says the drop is real at this level; with require_int8 that fails the export instead.
+    int8_alpha: float = Field(gt=0, lt=1)
+    require_int8: bool
+
+    @model_validator(mode="after")
+    def _floor_in_range(self) -> ExportParams:
+        floor = self.accuracy_floor
+        if floor != "auto" and not 0 <= floor <= 1:
+            raise ValueError(f"export.accuracy_floor: expected auto or 0..1, got {floor!r}")
+        return self
 
 
 class Params(_Section):

@@ -14,12 +14,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import keras
+import numpy as np
 import pandas as pd
 
 from classifier.atomic import atomic_path, write_json
 from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from classifier.config import EvaluateParams, load_params
-from classifier.data.dataset import read_image_set
+from classifier.data.dataset import ImageSet, read_image_set
 from classifier.evaluation import plots
 from classifier.evaluation.metrics import (
     MISCLASSIFIED_SHOWN,
@@ -30,9 +32,22 @@ from classifier.evaluation.metrics import (
     per_class_table,
 )
 from classifier.model.files import load_model
+from classifier.model.temperature import logits_of, temperature_of
 from classifier.tracking import lineage, runs
 
 log = logging.getLogger(__name__)
+
+
+def calibration_figures(model: keras.Model, test: ImageSet) -> dict[str, float]:
+    """The temperature built into the model, and the test ECE it would have without it."""
+    temperature = temperature_of(model)
+    logits = logits_of(model, test.images)
+    uncalibrated = np.exp(logits - logits.max(axis=1, keepdims=True))
+    uncalibrated /= uncalibrated.sum(axis=1, keepdims=True)
+    return {
+        "temperature": temperature,
+        "ece_uncalibrated": calibration_bins(uncalibrated, test.labels)[0],
+    }
 
 
 def run(
@@ -58,6 +73,7 @@ def run(
     per_class = per_class_table(test.labels, predicted, test.class_names)
     ece, calibration = calibration_bins(probabilities, test.labels)
     metrics = headline_metrics(probabilities, test.labels, per_class, ece)
+    metrics.update(calibration_figures(model, test))
     rows = confusion_rows(test, predicted)
     mistakes, captions = most_confident_mistakes(test, probabilities, MISCLASSIFIED_SHOWN)
     figures = {

@@ -21,15 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from classifier.atomic import atomic_path, check_writable, write_json
 from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from classifier.config import ExportParams, load_params
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set
 from classifier.data.images import ResizePolicy
 from classifier.errors import StageError
-from classifier.evaluation.metrics import score
 from classifier.export import formats
-from classifier.export.promotion import CHAMPION, Decision, decide
+from classifier.export.promotion import CHAMPION, decide
 from classifier.model.files import load_model
 from classifier.serving.pyfunc import png_frame, probabilities_of
 from classifier.tracking import lineage, registry, runs
@@ -69,10 +70,15 @@ class IncomparableChampion(StageError):
 
 @dataclass(frozen=True)
 class Champion:
-    """The registered model's current champion: its version, and its accuracy on this test."""
+    """The registered model's current champion: its version, and which test images it gets
+    right."""
 
     version: int | None = None
-    accuracy: float | None = None
+    correct: np.ndarray | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.correct is None else float(np.mean(self.correct))
 
 
 def comparable_champion(
@@ -107,20 +113,7 @@ def score_champion(model_name: str, test: ImageSet) -> Champion:
             f"{model_name}@champion (version {version}) cannot score the test images: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
         ) from None
-    return Champion(version, score(probabilities, test.labels)["accuracy"])
-
-
-def decision_tags(decision: Decision, candidate: float, champion: Champion) -> dict[str, str]:
-    """The decision as tags, for the model version and the training run."""
-    return {
-        "promotion.decision": decision.alias,
-        "promotion.reason": decision.reason,
-        "promotion.candidate_accuracy": f"{candidate:.6f}",
-        "promotion.champion_accuracy": ""
-        if champion.accuracy is None
-        else f"{champion.accuracy:.6f}",
-        "promotion.champion_version": "" if champion.version is None else str(champion.version),
-    }
+    return Champion(version, probabilities.argmax(axis=1) == test.labels)
 
 
 def export_formats(
@@ -136,8 +129,26 @@ def export_formats(
             test.labels,
             reference,
             staged,
-            cfg.int8_max_accuracy_drop,
+            int8_max_drop=cfg.int8_max_accuracy_drop,
+            int8_alpha=cfg.int8_alpha,
+            require_int8=cfg.require_int8,
         )
+
+
+def format_tags(report: dict) -> dict[str, str]:
+    """Which formats ship, and why one does not, for the model version and the run."""
+    tags = {
+        f"format.{name}.shipped": str(figures["shipped"]).lower()
+        for name, figures in report.items()
+    }
+    tags.update(
+        {
+            f"format.{name}.reason": figures["reason"]
+            for name, figures in report.items()
+            if "reason" in figures
+        }
+    )
+    return tags
 
 
 def log_formats(training: runs.FinishedRun, report: dict, formats_dir: Path) -> None:
@@ -172,11 +183,15 @@ def run(
     with training.stage("export"):
         comparable_champion(cfg.model_name, interface)
         reference = keras_model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
-        candidate = score(reference, test.labels)["accuracy"]
+        candidate = reference.argmax(axis=1) == test.labels
         report = export_formats(cfg, model_path, data_dir, test, reference, outputs.formats)
         champion = score_champion(cfg.model_name, test)
-        decision = decide(candidate, champion.accuracy, cfg, champion.version)
-        tags = decision_tags(decision, candidate, champion)
+        decision = decide(candidate, champion.correct, test.labels, cfg, champion.version)
+        tags = {
+            **decision.tags(),
+            **format_tags(report),
+            "promotion.candidate_accuracy": f"{candidate.mean():.6f}",
+        }
         log_formats(training, report, outputs.formats)
         logged = registry.log_served_model(
             training.run_id,
@@ -187,16 +202,15 @@ def run(
             interface,
         )
         summary = {
-            "promoted": decision.promoted,
-            "candidate_accuracy": candidate,
+            **decision.summary(),
+            "candidate_accuracy": float(candidate.mean()),
             "champion_accuracy": champion.accuracy,
-            "champion_version": champion.version,
         }
         write_json(outputs.format_metrics, report)
         write_json(outputs.decision, summary)
         # Last: the new version and its alias; then the record of it.
         registered = registry.register_version(cfg.model_name, logged, decision.alias, tags)
-        record = {**registered, "decision": {**summary, "reason": decision.reason}}
+        record = {**registered, "decision": summary}
         write_json(outputs.registered, record)
         training.set_tags({**tags, "export.version": str(registered["version"])})
     log.info(

@@ -1,8 +1,8 @@
 """Stage ``preprocess``: decode, resize and split the raw images; report on the data.
 
-Splits are stratified by class and a pure function of ``preprocess.seed``; what the
-prepared folder holds: classifier/data/prepare.py. Beside it, the data report as DVC
-metrics and Markdown (classifier/data/report.py).
+Splits are stratified by class and a pure function of ``preprocess.seed``, with each group
+of duplicates in one split; what the prepared folder holds: classifier/data/prepare.py.
+Beside it, the data report as DVC metrics and Markdown (classifier/data/report.py).
 """
 
 from __future__ import annotations
@@ -30,21 +30,23 @@ def run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.work-") as work:
         data = ingest(Path(raw_dir), cfg, Path(work))
-        splits, origins = make_splits(data, cfg)
+        splits, duplicates = make_splits(data, cfg)
         metrics, report = build_report(
-            read_source(raw_dir), splits, origins, data.skipped, data.source_images
+            read_source(raw_dir), splits, duplicates, data.skipped, data.source_images
         )
         write_prepared(out_dir, splits)
     write_json(metrics_path, metrics)
     write_text(report_path, report)
     log.info(
-        "wrote %s images of %dx%dx%d to %s (%d files skipped, %d duplicates across splits)",
+        "wrote %s images of %dx%dx%d to %s (%d files skipped, %d duplicate groups, "
+        "%d across splits)",
         " / ".join(f"{len(splits[s].labels)} {s}" for s in SPLITS),
         cfg.image_height,
         cfg.image_width,
         cfg.channels,
         out_dir,
         metrics["skipped_files"],
+        metrics["duplicate_groups"],
         metrics["duplicates_across_splits"],
     )
     return splits

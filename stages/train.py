@@ -62,7 +62,8 @@ def write_outputs(result: TrainResult, outputs: TrainOutputs) -> None:
         result.model.save(staged_model)
     write_text(outputs.history, result.history.to_csv(index=False))
     last = result.history.iloc[-1]
-    write_json(outputs.metrics, {key: float(last[key]) for key in HISTORY_COLUMNS[1:]})
+    metrics = {key: float(last[key]) for key in HISTORY_COLUMNS[1:]}
+    write_json(outputs.metrics, {**metrics, "temperature": result.temperature})
     write_json(
         outputs.run_info,
         {
@@ -95,6 +96,7 @@ def run(
         result = trainer.fit(run_id, callbacks)
         write_outputs(result, outputs)
         runs.log_artifact(outputs.history)
+        runs.log_metrics({"temperature": result.temperature})
     log.info(
         "trained %d epochs: val_accuracy %.4f, model at %s",
         len(result.history),

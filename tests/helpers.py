@@ -276,6 +276,7 @@ PROJECT_FILES = [
     "stages",
     "classifier",
     "tools",
+    "pretrained",
     ".dvc/config",
     ".dvc/.gitignore",
     ".dvcignore",
@@ -393,6 +394,69 @@ def make_zip(path, members, compression=zipfile.ZIP_DEFLATED):
         for name, content in members.items():
             bundle.writestr(name, content)
     return path
+
+
+def photo_crops() -> list[np.ndarray]:
+    """30 different real photos: 128x128 RGB crops of scikit-learn's two sample photos.
+
+    A 3x5 grid of each photo (china.jpg, then flower.jpg), offline. No two crops are within
+    20 bits of each other's perceptual hash.
+    """
+    from sklearn.datasets import load_sample_images
+
+    return [
+        photo[row * 140 : row * 140 + 128, column * 128 : column * 128 + 128]
+        for photo in load_sample_images().images
+        for row in range(3)
+        for column in range(5)
+    ]
+
+
+def save_resized_jpeg(source: Path, dest: Path, scale: float = 1.5, quality: int = 85) -> None:
+    """Re-save the image at ``source`` as a JPEG ``scale`` times its size: a near duplicate."""
+    from PIL import Image
+
+    with Image.open(source) as picture:
+        size = (round(picture.width * scale), round(picture.height * scale))
+        picture.convert("RGB").resize(size, Image.Resampling.LANCZOS).save(
+            dest, "JPEG", quality=quality
+        )
+
+
+def write_photo_folder(root: Path) -> dict[str, str]:
+    """The 30 photo crops as PNGs in class folders ``china/`` and ``flower/``, with copies.
+
+    Every other crop gets a copy beside it, alternately an exact one (the same bytes) and a
+    near one (re-saved as a JPEG 1.5 times the size). Returns {copy: original}, as paths
+    relative to ``root``.
+    """
+    from PIL import Image
+
+    copies = {}
+    for index, crop in enumerate(photo_crops()):
+        folder = root / ("china" if index < 15 else "flower")
+        folder.mkdir(parents=True, exist_ok=True)
+        original = folder / f"photo_{index:02d}.png"
+        Image.fromarray(crop).save(original)
+        if index % 4 == 0:
+            copy = folder / f"photo_{index:02d}_copy.png"
+            shutil.copyfile(original, copy)
+        elif index % 4 == 2:
+            copy = folder / f"photo_{index:02d}_resized.jpg"
+            save_resized_jpeg(original, copy)
+        else:
+            continue
+        copies[copy.relative_to(root).as_posix()] = original.relative_to(root).as_posix()
+    return copies
+
+
+def markdown_rows(markdown: str) -> list[list[str]]:
+    """The cells of every Markdown table row in ``markdown``, header rows included."""
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|")
+    ]
 
 
 class ScriptedServer:

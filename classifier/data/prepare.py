@@ -4,9 +4,12 @@ The prepared folder holds ``train/``, ``val/`` and ``test/`` image sets (see
 classifier/data/dataset.py) at the configured size and channels, ``classes.json`` (the
 labels file that training, export and serving use) and ``counts.json``.
 
-Splits are stratified by class and a pure function of ``preprocess.seed``. A source with
-its own test set (MNIST-like IDX files) keeps it; validation is then carved from training
-and ``test_fraction`` is not used.
+Splits are stratified by class and a pure function of ``preprocess.seed``. Exact copies and
+near duplicates (classifier/data/duplicates.py) form groups, and each group lands whole in
+one split, so no image is evaluated on a copy of itself. A source with its own test set
+(MNIST-like IDX files) keeps it; validation is then carved from training, ``test_fraction``
+is not used, and training images that duplicate a test image are dropped (with
+``preprocess.drop_test_duplicates_from_train``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import pandas as pd
 from classifier.atomic import atomic_path, write_json
 from classifier.config import PreprocessParams
 from classifier.data.dataset import CLASSES_FILE, SPLITS, ImageSet, read_image_set, write_image_set
+from classifier.data.duplicates import DROPPED, DuplicateGroups, find_duplicates, member_table
 from classifier.data.images import UnreadableImage, load_image, resize_images
 from classifier.data.raw import (
     FILES_DIR,
@@ -49,6 +53,16 @@ class Ingested:
     origins: dict[str, list[str]] = field(default_factory=dict)  # where each image came from
     skipped: list[dict[str, str]] = field(default_factory=list)
     source_images: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Every image of a source, its duplicate groups, and the split each image goes to."""
+
+    images: ImageSet
+    origins: list[str]
+    groups: DuplicateGroups
+    split_of: np.ndarray  # "train", "val", "test" or DROPPED, per image
 
 
 def _resized(image_set: ImageSet, cfg: PreprocessParams) -> ImageSet:
@@ -140,50 +154,139 @@ def _stratified(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: 
     )
 
 
+def _units(labels: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's unit (its group, numbered in order of first image) and each unit's label.
+
+    A unit's label is its images' most common one, the smallest on a tie. Without groups,
+    or where every group is one image, units are the images in order, with their labels.
+    """
+    if groups is None:
+        return np.arange(len(labels)), labels
+    unit_of_image, _ = pd.factorize(groups)
+    tally = pd.DataFrame({"unit": unit_of_image, "label": labels}).value_counts().reset_index()
+    ranked = tally.sort_values(["unit", "count", "label"], ascending=[True, False, True])
+    return unit_of_image, ranked.drop_duplicates("unit")["label"].to_numpy()
+
+
+def _members(unit_of_image: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Sorted indices of the images in ``units``."""
+    return np.flatnonzero(np.isin(unit_of_image, units))
+
+
 def split_indices(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Stratified, disjoint index sets for train / val / test, reproducible from ``seed``."""
+    """Stratified, disjoint index sets for train / val / test, reproducible from ``seed``.
+
+    With ``groups`` (one id per image, shared by duplicates), each group lands whole in one
+    split and is stratified as one image of its most common label. Where no group has two
+    images, the split is exactly the one without groups.
+    """
+    unit_of_image, unit_labels = _units(labels, groups)
     try:
-        rest, test = _stratified(np.arange(len(labels)), labels, test_fraction, seed)
-        train, val = _stratified(rest, labels, val_fraction / (1 - test_fraction), seed)
+        rest, test = _stratified(np.arange(len(unit_labels)), unit_labels, test_fraction, seed)
+        train, val = _stratified(rest, unit_labels, val_fraction / (1 - test_fraction), seed)
     except ValueError as error:
+        joined = len(unit_labels) < len(labels)
+        grouped = f" ({len(unit_labels)} once duplicates are joined)" if joined else ""
         raise DataError(
-            f"cannot split {len(labels)} images in {len(np.unique(labels))} classes into "
-            f"train/val/test with val_fraction={val_fraction}, "
+            f"cannot split {len(labels)} images in {len(np.unique(labels))} classes{grouped} "
+            f"into train/val/test with val_fraction={val_fraction}, "
             f"test_fraction={test_fraction}: {error}"
         ) from None
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    parts = {"train": train, "val": val, "test": test}
+    return {split: _members(unit_of_image, units) for split, units in parts.items()}
+
+
+def carve_validation(
+    labels: np.ndarray, groups: np.ndarray | None, val_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Stratified train / val index sets of a training set, each group of duplicates in one."""
+    unit_of_image, unit_labels = _units(labels, groups)
+    try:
+        train, val = _stratified(np.arange(len(unit_labels)), unit_labels, val_fraction, seed)
+    except ValueError as error:
+        raise DataError(f"cannot carve validation images out of training: {error}") from None
+    return {"train": _members(unit_of_image, train), "val": _members(unit_of_image, val)}
 
 
 def _subset(image_set: ImageSet, indices: np.ndarray) -> ImageSet:
     return ImageSet(image_set.images[indices], image_set.labels[indices], image_set.class_names)
 
 
-def make_splits(
-    data: Ingested, cfg: PreprocessParams
-) -> tuple[dict[str, ImageSet], dict[str, list[str]]]:
-    """Train / val / test image sets and the origin of each image in them."""
-    if data.pool is not None:
-        whole, origin_key = data.pool, "pool"
-        parts = split_indices(whole.labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    else:
-        whole, origin_key = data.train, "train"
-        everything = np.arange(len(whole.labels))
-        try:
-            train, val = _stratified(everything, whole.labels, cfg.val_fraction, cfg.seed)
-        except ValueError as error:
-            raise DataError(f"cannot carve validation images out of training: {error}") from None
-        parts = {"train": np.sort(train), "val": np.sort(val)}
-    if len(whole.class_names) < 2:
-        raise DataError(f"need at least 2 classes to classify, got {list(whole.class_names)}")
-    splits = {split: _subset(whole, indices) for split, indices in parts.items()}
-    origins = {split: [data.origins[origin_key][i] for i in idx] for split, idx in parts.items()}
-    if data.test is not None:
-        if data.test.class_names != whole.class_names:
-            raise DataError("the source's test images have other classes than its training images")
-        splits["test"], origins["test"] = data.test, data.origins["test"]
-    return splits, origins
+def _require_classes(image_set: ImageSet) -> None:
+    if len(image_set.class_names) < 2:
+        raise DataError(f"need at least 2 classes to classify, got {list(image_set.class_names)}")
+
+
+def _pool_splits(data: Ingested, cfg: PreprocessParams) -> Assignment:
+    """Split the pool three ways, each duplicate group whole."""
+    pool = data.pool
+    groups = find_duplicates(pool.images, cfg.near_duplicate_distance)
+    parts = split_indices(pool.labels, cfg.val_fraction, cfg.test_fraction, cfg.seed, groups.group)
+    split_of = np.empty(len(pool.labels), object)
+    for split, indices in parts.items():
+        split_of[indices] = split
+    return Assignment(pool, data.origins["pool"], groups, split_of)
+
+
+def _given_test_splits(data: Ingested, cfg: PreprocessParams) -> Assignment:
+    """Keep the source's test set; carve validation out of the training images.
+
+    Training images that duplicate a test image are dropped with
+    ``preprocess.drop_test_duplicates_from_train``, else kept (and reported as leakage).
+    """
+    train, test = data.train, data.test
+    if test.class_names != train.class_names:
+        raise DataError("the source's test images have other classes than its training images")
+    whole = ImageSet(
+        np.concatenate([train.images, test.images]),
+        np.concatenate([train.labels, test.labels]),
+        train.class_names,
+    )
+    groups = find_duplicates(whole.images, cfg.near_duplicate_distance)
+    in_test = np.arange(len(whole.labels)) >= len(train.labels)
+    split_of = np.where(in_test, "test", "train").astype(object)
+    copies_of_test = ~in_test & np.isin(groups.group, groups.group[in_test])
+    if cfg.drop_test_duplicates_from_train:
+        split_of[copies_of_test] = DROPPED
+    log.info(
+        "%d training images duplicate a test image: %s",
+        copies_of_test.sum(),
+        "dropped" if cfg.drop_test_duplicates_from_train else "kept",
+    )
+    kept = np.flatnonzero(split_of == "train")
+    parts = carve_validation(whole.labels[kept], groups.group[kept], cfg.val_fraction, cfg.seed)
+    split_of[kept[parts["val"]]] = "val"
+    origins = [*data.origins["train"], *data.origins["test"]]
+    return Assignment(whole, origins, groups, split_of)
+
+
+def make_splits(data: Ingested, cfg: PreprocessParams) -> tuple[dict[str, ImageSet], pd.DataFrame]:
+    """Train / val / test image sets, and the members of every duplicate group.
+
+    Each group of duplicates lies in one split (see classifier/data/duplicates.py); the
+    table (:func:`member_table`) gives each member's split (or ``dropped``) and origin.
+    """
+    whole = data.pool if data.pool is not None else data.train
+    _require_classes(whole)
+    assigned = (_pool_splits if data.pool is not None else _given_test_splits)(data, cfg)
+    class_names = np.asarray(assigned.images.class_names, dtype=object)
+    duplicates = member_table(
+        assigned.groups,
+        split=assigned.split_of,
+        origin=assigned.origins,
+        label=class_names[assigned.images.labels],
+    )
+    splits = {
+        split: _subset(assigned.images, np.flatnonzero(assigned.split_of == split))
+        for split in SPLITS
+    }
+    return splits, duplicates
 
 
 def read_source(raw_dir: Path) -> dict[str, object]:

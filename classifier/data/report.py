@@ -1,40 +1,22 @@
 """The data validation report: what the images are, before anyone trains on them.
 
 Counts per class and split, what the source files were (formats, modes, sizes), pixel
-statistics, exact duplicates within and across splits (leakage), and skipped files.
+statistics, the groups of duplicates (exact and near, each kept in one split; see
+classifier/data/duplicates.py), and skipped files.
 Written as a DVC metrics file (numbers) and a Markdown page (tables) for people.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from classifier.data.dataset import SPLITS, ImageSet
+from classifier.data.duplicates import DROPPED
 
 MAX_LISTED = 50  # rows shown of long lists (duplicates, skipped files); counts are complete
-
-
-def image_hashes(images: np.ndarray) -> list[str]:
-    """A content hash per image: equal hashes mean identical pixels."""
-    return [hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest() for image in images]
-
-
-def duplicate_table(
-    splits: Mapping[str, ImageSet], origins: Mapping[str, Sequence[str]]
-) -> pd.DataFrame:
-    """Every image that has an exact copy elsewhere: split, origin and its copy group."""
-    frames = [
-        pd.DataFrame(
-            {"split": split, "origin": list(origins[split]), "hash": image_hashes(image_set.images)}
-        )
-        for split, image_set in splits.items()
-    ]
-    everything = pd.concat(frames, ignore_index=True)
-    return everything[everything.duplicated("hash", keep=False)].sort_values(["hash", "split"])
 
 
 def _counts_table(splits: Mapping[str, ImageSet]) -> pd.DataFrame:
@@ -107,17 +89,44 @@ def _at_most(lines: list[str], table: pd.DataFrame, total: int) -> list[str]:
     return lines
 
 
-def _duplicates_section(duplicates: pd.DataFrame, within: int, across: int) -> list[str]:
+def duplicate_metrics(duplicates: pd.DataFrame) -> dict[str, int]:
+    """Counts from the members of the duplicate groups (classifier/data/duplicates.py)."""
+    kept = duplicates[duplicates["split"] != DROPPED]
+    copies = kept[kept["kind"] == "exact"]
+    sizes = duplicates.groupby("group").size()
+    return {
+        # Prepared images that are pixel-identical to another prepared image.
+        "duplicate_copies": len(copies) - copies["exact"].nunique(),
+        # Groups with prepared images in more than one split: leakage; 0 by construction.
+        "duplicates_across_splits": int((kept.groupby("group")["split"].nunique() > 1).sum()),
+        "duplicate_groups": len(sizes),
+        "duplicate_group_images": int(sizes.sum()),
+        "largest_duplicate_group": int(sizes.max()) if len(sizes) else 0,
+        "train_dropped_duplicating_test": int((duplicates["split"] == DROPPED).sum()),
+    }
+
+
+def _duplicates_section(duplicates: pd.DataFrame, metrics: Mapping[str, int]) -> list[str]:
+    across = metrics["duplicates_across_splits"]
     lines = [
-        "## Exact duplicates",
+        "## Duplicates",
         "",
-        f"{within} images are exact copies of another image; {across} distinct images "
-        "appear in more than one split (leakage between training and evaluation).",
+        "Exact copies (identical pixels after resizing) and near duplicates (perceptual hashes "
+        "within `preprocess.near_duplicate_distance` bits of each other: a resized or "
+        "re-encoded copy) form groups, and each group is kept in one split.",
+        "",
+        f"- {metrics['duplicate_groups']} groups hold {metrics['duplicate_group_images']} "
+        f"images (the largest: {metrics['largest_duplicate_group']}); "
+        f"{metrics['duplicate_copies']} prepared images are exact copies of another.",
+        f"- {across} groups cross splits"
+        + (" (leakage between training and evaluation)." if across else "."),
+        f"- {metrics['train_dropped_duplicating_test']} training images were dropped for "
+        "duplicating a test image (sources with their own test set).",
         "",
     ]
     if not len(duplicates):
         return lines
-    shown = duplicates.assign(group=lambda d: d["hash"].str[:8])[["group", "split", "origin"]]
+    shown = duplicates[["group", "kind", "split", "origin", "label"]]
     return _at_most(lines, shown, len(duplicates))
 
 
@@ -145,17 +154,18 @@ def _links_section(links: Sequence[Mapping[str, str]]) -> list[str]:
 def build_report(
     source: Mapping[str, object],
     splits: Mapping[str, ImageSet],
-    origins: Mapping[str, Sequence[str]],
+    duplicates: pd.DataFrame,
     skipped: Sequence[Mapping[str, str]],
     source_images: pd.DataFrame,
 ) -> tuple[dict[str, object], str]:
-    """Return (metrics for DVC, Markdown for people) describing the prepared data."""
+    """Return (metrics for DVC, Markdown for people) describing the prepared data.
+
+    ``duplicates`` lists the members of the duplicate groups, with their split and origin
+    (classifier/data/duplicates.py's ``member_table``).
+    """
     counts = _counts_table(splits)
     pixels = _pixel_table(splits["train"])
-    duplicates = duplicate_table(splits, origins)
-    groups = duplicates.groupby("hash")["split"]
-    across = int((groups.nunique() > 1).sum()) if len(duplicates) else 0
-    within = int(len(duplicates) - duplicates["hash"].nunique()) if len(duplicates) else 0
+    found = duplicate_metrics(duplicates)
     height, width, channels = splits["train"].image_shape
 
     metrics = {
@@ -163,8 +173,7 @@ def build_report(
         "classes": len(splits["train"].class_names),
         "skipped_files": len(skipped),
         "skipped_links": len(source.get("skipped_links") or []),
-        "duplicate_copies": within,
-        "duplicates_across_splits": across,
+        **found,
         "pixel_mean": round(float(pixels["mean"].mean()), 6),
         "pixel_std": round(float(pixels["std"].mean()), 6),
     }
@@ -186,7 +195,7 @@ def build_report(
         "",
     ]
     lines += _source_section(source_images)
-    lines += _duplicates_section(duplicates, within, across)
+    lines += _duplicates_section(duplicates, found)
     lines += _skipped_section(skipped)
     lines += _links_section(source.get("skipped_links") or [])
     return metrics, "\n".join(lines)

@@ -1,45 +1,193 @@
-"""The promotion rule: when a newly registered version becomes ``@champion``.
+"""The promotion rule: when a newly registered version becomes ``@champion``, on evidence.
 
-The new model and the current champion are scored on the same test split. The new
-version becomes ``@champion`` only if its accuracy clears ``export.accuracy_floor`` and
-beats the champion's by at least ``export.promotion_margin`` (the first model to clear
-the floor becomes champion); otherwise it is registered as ``@challenger``.
+On a test set of a few hundred images one image is a fraction of a point, so a raw gain
+says little. The challenger and the champion are scored on the same test images, and the
+rule looks at the images they disagree on: ``b`` that only the challenger gets right, ``c``
+that only the champion does. With no difference between the two models, each of those
+``b + c`` images is equally likely to fall either way, so McNemar's exact test (a binomial
+test of ``b`` out of ``b + c`` at 1/2) says how surprising the split is.
+
+The new version becomes ``@champion`` when:
+
+1. its accuracy clears ``export.accuracy_floor``: a fixed number, or ``auto``, meaning
+   significantly better than always answering the test set's largest class (an exact
+   binomial test at ``export.promotion_alpha``), which makes sense for any data set;
+2. there is no champion yet; or it beats the champion by at least
+   ``export.promotion_margin`` *and* McNemar's one-sided exact test says it is better at
+   ``export.promotion_alpha``.
+
+Otherwise it is registered as ``@challenger``. The record gives the paired difference in
+accuracy, ``(b - c) / n``, with a 95 % interval: the exact (Clopper-Pearson) interval of
+``b / (b + c)``, the quantity McNemar's test is about, carried over to the difference
+(conditional on the ``b + c`` images that differ, as the test is).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from classifier.config import ExportParams
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two models' answers on the same images: where they differ, and what that says."""
+
+    images: int
+    challenger_only: int  # right by the challenger alone
+    champion_only: int  # right by the champion alone
+    difference: float  # challenger's accuracy minus the champion's
+    ci_low: float
+    ci_high: float
+    p_value: float  # one-sided exact McNemar: the challenger is better
+    p_two_sided: float  # two-sided exact McNemar: the two differ
+
+    def describe(self) -> str:
+        return (
+            f"{self.difference:+.4f} ({CONFIDENCE:.0%} CI {self.ci_low:+.4f} to "
+            f"{self.ci_high:+.4f}; {self.challenger_only} images right only by it, "
+            f"{self.champion_only} only by the champion; McNemar exact p={self.p_value:.3g})"
+        )
+
+
+def compare_paired(challenger_correct: np.ndarray, champion_correct: np.ndarray) -> Paired:
+    """McNemar's exact tests and the interval of the paired difference in accuracy."""
+    from scipy.stats import binomtest
+
+    challenger_correct = np.asarray(challenger_correct, bool)
+    champion_correct = np.asarray(champion_correct, bool)
+    images = len(challenger_correct)
+    b = int(np.sum(challenger_correct & ~champion_correct))
+    c = int(np.sum(champion_correct & ~challenger_correct))
+    discordant = b + c
+    if discordant == 0:
+        return Paired(images, 0, 0, 0.0, 0.0, 0.0, 1.0, 1.0)
+    one_sided = binomtest(b, discordant, 0.5, alternative="greater")
+    two_sided = binomtest(b, discordant, 0.5, alternative="two-sided")
+    interval = two_sided.proportion_ci(confidence_level=CONFIDENCE, method="exact")
+    scale = discordant / images
+    return Paired(
+        images=images,
+        challenger_only=b,
+        champion_only=c,
+        difference=(b - c) / images,
+        ci_low=scale * (2 * interval.low - 1),
+        ci_high=scale * (2 * interval.high - 1),
+        p_value=float(one_sided.pvalue),
+        p_two_sided=float(two_sided.pvalue),
+    )
+
+
+@dataclass(frozen=True)
+class Floor:
+    """Whether a model's accuracy clears the floor, and how that was decided."""
+
+    cleared: bool
+    reason: str
+    value: float  # the accuracy to clear (for auto: always guessing the largest class)
+    kind: str  # auto or fixed
+    p_value: float | None = None
+
+
+def clear_floor(correct: np.ndarray, labels: np.ndarray, cfg: ExportParams) -> Floor:
+    """The floor of ``export.accuracy_floor``, fixed or ``auto``, for these test answers."""
+    from scipy.stats import binomtest
+
+    correct = np.asarray(correct, bool)
+    accuracy = float(correct.mean())
+    if cfg.accuracy_floor != "auto":
+        floor = float(cfg.accuracy_floor)
+        if accuracy >= floor:
+            return Floor(
+                True, f"test accuracy {accuracy:.4f} clears the floor {floor}", floor, "fixed"
+            )
+        return Floor(
+            False, f"test accuracy {accuracy:.4f} is below the floor {floor}", floor, "fixed"
+        )
+    counts = np.bincount(np.asarray(labels), minlength=1)
+    chance = float(counts.max() / counts.sum())
+    p_value = float(binomtest(int(correct.sum()), len(correct), chance, "greater").pvalue)
+    versus = f"always guessing the largest class ({chance:.4f}): exact binomial p={p_value:.3g}"
+    if p_value < cfg.promotion_alpha:
+        reason = f"test accuracy {accuracy:.4f} is significantly above {versus}"
+        return Floor(True, reason, chance, "auto", p_value)
+    reason = (
+        f"test accuracy {accuracy:.4f} is not significantly above {versus} >= {cfg.promotion_alpha}"
+    )
+    return Floor(False, reason, chance, "auto", p_value)
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether the new model becomes champion, and why."""
+    """Whether the new model becomes champion, why, and the evidence."""
 
     promoted: bool
     reason: str
+    floor: Floor
+    paired: Paired | None = None
+    champion_version: int | None = None
 
     @property
     def alias(self) -> str:
         return CHAMPION if self.promoted else CHALLENGER
 
+    def summary(self) -> dict:
+        """The decision as the DVC metrics file and the registration record give it."""
+        return {
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "champion_version": self.champion_version,
+            "floor": asdict(self.floor),
+            "paired": None if self.paired is None else asdict(self.paired),
+        }
+
+    def tags(self) -> dict[str, str]:
+        """The decision as tags, for the model version and the training run."""
+        tags = {
+            "promotion.decision": self.alias,
+            "promotion.reason": self.reason,
+            "promotion.champion_version": ""
+            if self.champion_version is None
+            else str(self.champion_version),
+        }
+        if self.paired is not None:
+            tags.update(
+                {
+                    "promotion.difference": f"{self.paired.difference:.6f}",
+                    "promotion.ci_low": f"{self.paired.ci_low:.6f}",
+                    "promotion.ci_high": f"{self.paired.ci_high:.6f}",
+                    "promotion.p_value": f"{self.paired.p_value:.6g}",
+                }
+            )
+        return tags
+
 
 def decide(
-    candidate: float, champion: float | None, cfg: ExportParams, champion_version: int | None
+    candidate_correct: np.ndarray,
+    champion_correct: np.ndarray | None,
+    labels: np.ndarray,
+    cfg: ExportParams,
+    champion_version: int | None = None,
 ) -> Decision:
-    """The promotion rule: clear the floor, then beat the champion by the margin."""
-    if candidate < cfg.accuracy_floor:
-        return Decision(
-            False, f"test accuracy {candidate:.4f} is below the floor {cfg.accuracy_floor}"
-        )
-    if champion is None:
-        return Decision(True, f"first model to clear the floor {cfg.accuracy_floor}")
-    gain = candidate - champion
-    versus = f"champion version {champion_version} ({champion:.4f}) by {gain:+.4f}"
-    if gain >= cfg.promotion_margin:
-        return Decision(True, f"beats {versus}, at least the margin {cfg.promotion_margin}")
-    return Decision(False, f"does not beat {versus}; the margin is {cfg.promotion_margin}")
+    """The promotion rule (see the module docstring), on per-image right-or-wrong answers."""
+    floor = clear_floor(candidate_correct, labels, cfg)
+    if not floor.cleared:
+        return Decision(False, floor.reason, floor, None, champion_version)
+    if champion_correct is None:
+        return Decision(True, f"first model to clear the floor: {floor.reason}", floor)
+    paired = compare_paired(candidate_correct, champion_correct)
+    versus = f"champion version {champion_version}: {paired.describe()}"
+    if paired.difference < cfg.promotion_margin:
+        reason = f"gains less than the margin {cfg.promotion_margin} over {versus}"
+        return Decision(False, reason, floor, paired, champion_version)
+    if paired.p_value >= cfg.promotion_alpha:
+        reason = f"is not significantly better (alpha {cfg.promotion_alpha}) than {versus}"
+        return Decision(False, reason, floor, paired, champion_version)
+    reason = f"beats {versus}, by at least the margin {cfg.promotion_margin}"
+    return Decision(True, reason, floor, paired, champion_version)

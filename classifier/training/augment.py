@@ -52,18 +52,31 @@ def affine_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def warp_images(
-    images: np.ndarray, degrees: np.ndarray, scales: np.ndarray, shifts: np.ndarray
+    images: np.ndarray,
+    degrees: np.ndarray,
+    scales: np.ndarray,
+    shifts: np.ndarray,
+    *,
+    scales_x: np.ndarray | None = None,
+    border: str = "black",
 ) -> np.ndarray:
     """Rotate each image clockwise (as displayed) by its degrees, scale it about its centre,
-    then shift it by its (down, right) pixels; bilinear sampling, black border.
+    then shift it by its (down, right) pixels; bilinear sampling.
 
     Output pixel p samples the input at ``centre + A^-1 (p - centre - shift)`` with
-    A = scale * rotation, vectorised over blocks of images.
+    A = rotation * diag(scale, scale_x), vectorised over blocks of images. ``scales_x``
+    (default: ``scales``) scales the width on its own; a negative one mirrors the image.
+    ``border`` is what lies outside the image: ``black``, or ``edge`` (the nearest edge
+    pixel, for photos).
     """
     count, height, width, _ = images.shape
     angles = np.deg2rad(degrees)
-    cos = (np.cos(angles) / scales).astype(np.float32)[:, None, None]
-    sin = (np.sin(angles) / scales).astype(np.float32)[:, None, None]
+    scales_x = scales if scales_x is None else scales_x
+    # The inverse rotation, row by row, divided by the scale of each axis.
+    yy = (np.cos(angles) / scales).astype(np.float32)[:, None, None]
+    yx = (np.sin(angles) / scales).astype(np.float32)[:, None, None]
+    xy = (np.sin(angles) / scales_x).astype(np.float32)[:, None, None]
+    xx = (np.cos(angles) / scales_x).astype(np.float32)[:, None, None]
     shifts = np.asarray(shifts, np.float32)[..., None, None]
     centre_y, centre_x = (height - 1) / 2, (width - 1) / 2
     rows, cols = np.meshgrid(
@@ -71,17 +84,69 @@ def warp_images(
         np.arange(width, dtype=np.float32) - centre_x,
         indexing="ij",
     )
-    # A one-pixel black frame: every sample point is clipped into it, so no bounds checks.
-    framed = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # A one-pixel frame (black, or the edge repeated): every sample point is clipped into
+    # it, so no bounds checks.
+    mode = {"black": "constant", "edge": "edge"}[border]
+    framed = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
     out = np.empty_like(images)
-    for start in range(0, count, AFFINE_BLOCK):
-        block = slice(start, start + AFFINE_BLOCK)
+    block_size = max(1, AFFINE_BLOCK * 28 * 28 // (height * width))
+    for start in range(0, count, block_size):
+        block = slice(start, start + block_size)
         dy, dx = rows - shifts[block, 0], cols - shifts[block, 1]
-        # The inverse rotation divided by the scale, in the framed image's coordinates.
-        source_y = cos[block] * dy - sin[block] * dx + (centre_y + 1)
-        source_x = sin[block] * dy + cos[block] * dx + (centre_x + 1)
+        source_y = yy[block] * dy - yx[block] * dx + (centre_y + 1)
+        source_x = xy[block] * dy + xx[block] * dx + (centre_x + 1)
         out[block] = _bilinear(framed[block], source_y, source_x)
     return out
+
+
+# augment: photo, as for photos people take: a random crop of PHOTO_MIN_AREA to all of the
+# image, of aspect 3/4 to 4/3, resized back; a horizontal flip half the time; a rotation up
+# to PHOTO_MAX_DEGREES; brightness, contrast and saturation each within +-PHOTO_JITTER.
+# Edges are repeated rather than black.
+PHOTO_MIN_AREA = 0.6
+PHOTO_MAX_ASPECT = 4 / 3
+PHOTO_MAX_DEGREES = 10.0
+PHOTO_JITTER = 0.2
+# ITU-R BT.601 luma weights: the grey of an RGB pixel.
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def photo_images(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each image randomly cropped and resized, flipped, rotated, and its colours jittered."""
+    count, height, width, _ = images.shape
+    area = rng.uniform(PHOTO_MIN_AREA, 1.0, count)
+    aspect = np.exp(rng.uniform(-np.log(PHOTO_MAX_ASPECT), np.log(PHOTO_MAX_ASPECT), count))
+    crop_y = np.minimum(1.0, np.sqrt(area / aspect))  # the crop's share of each side
+    crop_x = np.minimum(1.0, np.sqrt(area * aspect))
+    # Where the crop sits: anywhere it stays inside the image.
+    shifts = rng.uniform(-0.5, 0.5, (count, 2)) * np.stack([1 - crop_y, 1 - crop_x], 1)
+    flips = np.where(rng.random(count) < 0.5, -1.0, 1.0)
+    warped = warp_images(
+        images,
+        degrees=rng.uniform(-PHOTO_MAX_DEGREES, PHOTO_MAX_DEGREES, count),
+        scales=1 / crop_y,
+        scales_x=flips / crop_x,
+        shifts=shifts * (height, width) / np.stack([crop_y, crop_x], 1),
+        border="edge",
+    )
+    factors = rng.uniform(1 - PHOTO_JITTER, 1 + PHOTO_JITTER, (count, 3)).astype(np.float32)
+    return jitter_colours(warped, brightness=factors[:, 0], contrast=factors[:, 1],
+                          saturation=factors[:, 2])  # fmt: skip
+
+
+def jitter_colours(
+    images: np.ndarray, brightness: np.ndarray, contrast: np.ndarray, saturation: np.ndarray
+) -> np.ndarray:
+    """Scale each image's brightness, its contrast about its mean grey, and (RGB) its
+    saturation about each pixel's grey, by its factors; clipped to 0..255."""
+    pixels = images.astype(np.float32) * brightness[:, None, None, None]
+    grey = pixels @ LUMA[:, None] if images.shape[-1] == 3 else pixels
+    mean = grey.mean(axis=(1, 2, 3), keepdims=True)
+    pixels = mean + (pixels - mean) * contrast[:, None, None, None]
+    if images.shape[-1] == 3:
+        grey = pixels @ LUMA[:, None]
+        pixels = grey + (pixels - grey) * saturation[:, None, None, None]
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def _bilinear(framed: np.ndarray, source_y: np.ndarray, source_x: np.ndarray) -> np.ndarray:
@@ -102,7 +167,7 @@ def _bilinear(framed: np.ndarray, source_y: np.ndarray, source_x: np.ndarray) ->
     return np.clip(np.rint(total), 0, 255).astype(framed.dtype)
 
 
-AUGMENTATIONS = {"shift": shift_images, "affine": affine_images}
+AUGMENTATIONS = {"shift": shift_images, "affine": affine_images, "photo": photo_images}
 
 
 def augment_epoch(images: np.ndarray, kind: str, seed: int, epoch: int) -> np.ndarray:

@@ -32,8 +32,9 @@ from classifier.config import Params, TrainParams
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_splits
 from classifier.model.architectures import build_model
 from classifier.tracking import runs
-from classifier.training import distributed
+from classifier.training import distributed, transfer
 from classifier.training.augment import augment_epoch
+from classifier.training.calibration import calibrate
 from classifier.training.callbacks import (
     EpochCheckpoint,
     EpochProgress,
@@ -43,6 +44,7 @@ from classifier.training.callbacks import (
     StopOnSignal,
 )
 from classifier.training.checkpoint import Checkpoint, read_checkpoint
+from classifier.training.losses import training_loss
 from classifier.training.precision import dtype_policy, float32_model, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -94,19 +96,41 @@ def steps_per_execution(cfg: TrainParams, strategy: Any) -> int:
     return 1
 
 
+def optimizer(
+    cfg: TrainParams, steps_per_epoch: int, rate: float | None = None
+) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW with ``train.weight_decay`` (decoupled from the gradient) when it is set.
+
+    The rate is ``train.learning_rate`` on its schedule, unless ``rate`` is given.
+    """
+    rate = learning_rate(cfg, steps_per_epoch) if rate is None else rate
+    if cfg.weight_decay == 0:
+        return keras.optimizers.Adam(learning_rate=rate)
+    return keras.optimizers.AdamW(learning_rate=rate, weight_decay=cfg.weight_decay)
+
+
 def new_model(cfg: TrainParams, train: ImageSet, strategy: Any) -> keras.Model:
     """The compiled model of ``train.architecture`` for ``train``, at ``train.precision``."""
     scope = nullcontext() if strategy is None else strategy.scope()
     with dtype_policy(resolve_precision(cfg.precision)), scope:
         model = build_model(cfg.architecture, train.image_shape, len(train.class_names))
+        if transfer.is_backbone(cfg):
+            transfer.load_pretrained(model, cfg)
+            transfer.freeze_backbone(model)
         steps_per_epoch = math.ceil(len(train.labels) / cfg.batch_size)
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=learning_rate(cfg, steps_per_epoch)),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            steps_per_execution=steps_per_execution(cfg, strategy),
-        )
+        compile_model(model, cfg, optimizer(cfg, steps_per_epoch), strategy)
     return model
+
+
+def compile_model(
+    model: keras.Model, cfg: TrainParams, optimizer: keras.optimizers.Optimizer, strategy: Any
+) -> None:
+    model.compile(
+        optimizer=optimizer,
+        loss=training_loss(cfg.label_smoothing),
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution(cfg, strategy),
+    )
 
 
 def fit_epochs(
@@ -116,9 +140,11 @@ def fit_epochs(
     val: ImageSet,
     callbacks: Sequence[keras.callbacks.Callback],
     first_epoch: int,
+    last_epoch: int | None = None,
 ) -> None:
-    """Fit epochs ``first_epoch`` to ``cfg.epochs``, each on its (seed, epoch) shuffle."""
-    for epoch in range(first_epoch, cfg.epochs):
+    """Fit epochs ``first_epoch`` up to ``last_epoch`` (default ``cfg.epochs``), each on its
+    (seed, epoch) shuffle."""
+    for epoch in range(first_epoch, cfg.epochs if last_epoch is None else last_epoch):
         order = epoch_order(cfg.seed, epoch, len(train.labels))
         model.fit(
             augment_epoch(train.images[order], cfg.augment, cfg.seed, epoch),
@@ -135,11 +161,16 @@ def fit_epochs(
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training run produced; a worker other than the chief has no run and no history."""
+    """What a training run produced; a worker other than the chief has no run and no history.
+
+    ``model`` is the float32 model that is saved, with its ``temperature`` built in when
+    ``train.calibrate`` (1.0 otherwise).
+    """
 
     run_id: str | None
     history: pd.DataFrame
     model: keras.Model
+    temperature: float = 1.0
 
 
 @dataclass
@@ -210,14 +241,31 @@ class Trainer:
         return 0 if self.checkpoint is None else self.checkpoint.epoch
 
     def _fit(self, callbacks: Sequence[keras.callbacks.Callback]) -> None:
+        """Phase 1 (every model), then phase 2 (a backbone that fine-tunes)."""
+        cfg = self.params.train
         train, val = self.splits["train"], self.splits["val"]
-        fit = partial(
-            fit_epochs, self.model, self.params.train, train, val, callbacks, self.first_epoch
-        )
-        if self.cluster is None:
-            fit()
-        else:
-            distributed.reporting_lost_workers(fit)
+        phases = [(self.first_epoch, cfg.epochs)]
+        if transfer.fine_tunes(cfg):
+            phases.append((max(self.first_epoch, cfg.epochs), transfer.total_epochs(cfg)))
+        for number, (first, last) in enumerate(phases, start=1):
+            if number == 2 and self.first_epoch <= cfg.epochs:
+                self._start_fine_tuning()
+            fit = partial(fit_epochs, self.model, cfg, train, val, callbacks, first, last)
+            if self.cluster is None:
+                fit()
+            else:
+                distributed.reporting_lost_workers(fit)
+
+    def _start_fine_tuning(self) -> None:
+        """Unfreeze the backbone's top layers; recompile at the fine-tuning rate."""
+        cfg = self.params.train
+        unfrozen = transfer.unfreeze_top(self.model, cfg.fine_tune_layers)
+        steps_per_epoch = math.ceil(len(self.splits["train"].labels) / cfg.batch_size)
+        rate = optimizer(cfg, steps_per_epoch, cfg.fine_tune_learning_rate)
+        scope = nullcontext() if self.strategy is None else self.strategy.scope()
+        with scope:
+            compile_model(self.model, cfg, rate, self.strategy)
+        log.info("fine-tuning %d backbone layers at %g", len(unfrozen), cfg.fine_tune_learning_rate)
 
     def fit_as_worker(self) -> TrainResult:
         """Train in step with the chief, which alone tracks and writes."""
@@ -246,6 +294,13 @@ class Trainer:
         runs.log_artifact(self.data_dir / CLASSES_FILE, "data")
         if data_report is not None and data_report.is_file():
             runs.log_artifact(data_report, "data")
+        pretrained = (
+            transfer.weights_file(self.params.train)
+            if transfer.is_backbone(self.params.train)
+            else None
+        )
+        if pretrained is not None:
+            runs.set_tags({"train.pretrained.sha256": transfer.sha256_of(pretrained)})
         if self.cluster is not None:
             replicas = str(self.strategy.num_replicas_in_sync)
             runs.set_tags({TAG_WORKERS: str(self.cluster.workers), TAG_REPLICAS: replicas})
@@ -265,10 +320,15 @@ class Trainer:
                 epoch_logger,
                 EpochCheckpoint(self.checkpoint_dir, run_id, self.params.flat(), self.rows),
                 *callbacks,
-                EpochProgress(cfg.epochs),
+                EpochProgress(transfer.total_epochs(cfg)),
             ]
         )
         epoch_logger.finish()
         train = self.splits["train"]
         model = float32_model(self.model, cfg, train.image_shape, len(train.class_names))
-        return TrainResult(run_id, pd.DataFrame(self.rows, columns=HISTORY_COLUMNS), model)
+        temperature = 1.0
+        if cfg.calibrate:
+            model, temperature = calibrate(model, self.splits["val"])
+            log.info("calibrated: temperature %.4f, fitted on the validation split", temperature)
+        history = pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
+        return TrainResult(run_id, history, model, temperature)

@@ -64,14 +64,17 @@ def dtype_policy(name: str) -> Iterator[None]:
 def float32_model(
     model: keras.Model, cfg: TrainParams, input_shape: tuple[int, int, int], num_classes: int
 ) -> keras.Model:
-    """``model`` itself if it computes in float32, else a float32 rebuild with its weights.
+    """A fresh float32 copy of ``model`` with its weights: what is saved and served.
 
     Export converts the saved model to TFLite and ONNX and checks them against Keras to
-    1e-5, so the saved model must be plain float32 whatever precision trained it.
+    1e-5, so the saved model must be plain float32 whatever precision trained it. The copy
+    is not compiled either: the saved file then holds no loss or optimizer of the training
+    code's own, and loads where that code is not (a registered model, say).
     """
-    if model.compute_dtype == FLOAT32:
-        return model
     with dtype_policy(FLOAT32):
         plain = build_model(cfg.architecture, input_shape, num_classes)
+    # Frozen layers list their weights after the trainable ones: unfreeze everything (the
+    # training is over) so that both models list their weights in the same order.
+    model.trainable = True
     plain.set_weights(model.get_weights())
     return plain

@@ -11,7 +11,13 @@ from classifier.data.dataset import ImageSet, read_image_set
 from classifier.errors import StageError
 from classifier.evaluation import metrics
 from classifier.model.files import load_model
+from classifier.model.temperature import logits_of, temperature_of
 from stages import evaluate
+
+
+def metrics_module_ece(probabilities, labels):
+    return metrics.calibration_bins(probabilities, labels)[0]
+
 
 PICTURES = {"confusion.png", "reliability.png", "curves.png", "misclassified.png"}
 TABLES = {"confusion.csv", "per_class.csv", "calibration.csv"}
@@ -101,6 +107,15 @@ def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
         if np.any(bins == b)
     ) / len(test.labels)
     assert metrics["ece"] == pytest.approx(ece, abs=1e-6)
+    # The temperature built in by training, and what ECE would be without it.
+    model = load_model(str(trained.model_path))
+    assert metrics["temperature"] == pytest.approx(temperature_of(model))
+    logits = logits_of(model, test.images)
+    raw = np.exp(logits - logits.max(1, keepdims=True))
+    raw /= raw.sum(1, keepdims=True)
+    assert metrics["ece_uncalibrated"] == pytest.approx(
+        metrics_module_ece(raw, test.labels), abs=1e-6
+    )
     top3 = np.argsort(-probabilities, axis=1)[:, :3]
     assert metrics["top3_accuracy"] == pytest.approx(np.mean((top3 == test.labels[:, None]).any(1)))
     per_class = pd.read_csv(plots_dir / "per_class.csv")

@@ -23,10 +23,19 @@ def model_name(request) -> str:
     return f"test-{request.node.name}".replace("_", "-").replace("[", "-").replace("]", "")[:100]
 
 
-def params(name: str, floor: float = 0.5, margin: float = 0.0, int8: float = 0.005) -> ExportParams:
-    return ExportParams(
-        model_name=name, accuracy_floor=floor, promotion_margin=margin, int8_max_accuracy_drop=int8
-    )
+def params(
+    name: str, floor: float | str = 0.5, margin: float = 0.0, int8: float = 0.005, **more
+) -> ExportParams:
+    values = {
+        "model_name": name,
+        "accuracy_floor": floor,
+        "promotion_margin": margin,
+        "promotion_alpha": 0.05,
+        "int8_max_accuracy_drop": int8,
+        "int8_alpha": 0.05,
+        "require_int8": False,
+    }
+    return ExportParams(**{**values, **more})
 
 
 def run_export(trained, tmp_path, cfg, model_path=None, tag="export", run_info_path=None):
@@ -56,27 +65,73 @@ def untrained_model_path(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize(
-    ("candidate", "champion", "promoted", "reason"),
-    [
-        (0.80, None, False, "test accuracy 0.8000 is below the floor 0.9"),
-        (0.95, None, True, "first model to clear the floor 0.9"),
-        (
-            0.96,
-            0.95,
-            True,
-            "beats champion version 3 (0.9500) by +0.0100, at least the margin 0.01",
-        ),
-        (0.955, 0.95, False, "does not beat champion version 3 (0.9500) by +0.0050; the margin"),
-        (0.85, 0.70, False, "test accuracy 0.8500 is below the floor 0.9"),
-    ],
-)
-def test_decide_needs_the_floor_then_the_margin(candidate, champion, promoted, reason):
-    cfg = params("m", floor=0.9, margin=0.01)
-    decision = promotion.decide(candidate, champion, cfg, 3 if champion else None)
-    assert decision.promoted is promoted
-    assert decision.reason.startswith(reason)
-    assert decision.alias == ("champion" if promoted else "challenger")
+def answers(right: int, of: int, seed: int = 0) -> np.ndarray:
+    """Right-or-wrong answers to ``of`` test images, ``right`` of them right, in some order."""
+    correct = np.zeros(of, bool)
+    correct[np.random.default_rng(seed).permutation(of)[:right]] = True
+    return correct
+
+
+LABELS = np.arange(270) % 10  # 270 test images, 10 balanced classes: chance is 0.1
+
+
+def test_a_challenger_better_by_one_image_is_not_promoted():
+    champion = answers(250, 270)
+    challenger = champion.copy()
+    challenger[np.flatnonzero(~champion)[0]] = True  # one image more, nothing else changed
+    decision = promotion.decide(challenger, champion, LABELS, params("m", floor="auto"), 3)
+    assert not decision.promoted and decision.alias == "challenger"
+    paired = decision.paired
+    assert (paired.challenger_only, paired.champion_only) == (1, 0)
+    assert paired.difference == pytest.approx(1 / 270)
+    assert paired.p_value == pytest.approx(0.5)  # one image of one changed: a coin toss
+    assert paired.ci_low < 0 < paired.difference <= paired.ci_high
+    assert decision.reason.startswith("is not significantly better (alpha 0.05) than champion")
+
+
+def test_a_clearly_better_challenger_is_promoted_with_its_interval_and_p_value():
+    from scipy.stats import binomtest
+
+    champion = answers(200, 270)
+    challenger = champion.copy()
+    challenger[np.flatnonzero(~champion)[:30]] = True  # 30 images fixed...
+    challenger[np.flatnonzero(champion)[:2]] = False  # ...2 broken
+    decision = promotion.decide(challenger, champion, LABELS, params("m", floor="auto"), 3)
+    assert decision.promoted and decision.alias == "champion"
+    paired = decision.paired
+    assert (paired.challenger_only, paired.champion_only) == (30, 2)
+    assert paired.difference == pytest.approx(28 / 270)
+    assert paired.p_value == pytest.approx(binomtest(30, 32, 0.5, "greater").pvalue)
+    assert paired.p_value < 1e-6
+    assert 0 < paired.ci_low < paired.difference < paired.ci_high
+    assert decision.reason.startswith("beats champion version 3: +0.1037 (95% CI")
+    tags = decision.tags()
+    assert float(tags["promotion.p_value"]) == pytest.approx(paired.p_value, rel=1e-5)
+    assert float(tags["promotion.ci_low"]) == pytest.approx(paired.ci_low, abs=1e-6)
+
+
+def test_a_significant_gain_below_the_margin_is_not_promoted():
+    champion = answers(200, 270)
+    challenger = champion.copy()
+    challenger[np.flatnonzero(~champion)[:20]] = True
+    decision = promotion.decide(challenger, champion, LABELS, params("m", margin=0.1), 3)
+    assert not decision.promoted
+    assert decision.reason.startswith("gains less than the margin 0.1 over champion version 3")
+
+
+def test_the_auto_floor_is_beating_the_largest_class_significantly():
+    labels = np.array([0] * 180 + [1] * 90)  # always guessing class 0 scores 2/3
+    cfg = params("m", floor="auto")
+    near_chance = promotion.decide(answers(185, 270), None, labels, cfg)
+    assert not near_chance.promoted
+    assert near_chance.floor.value == pytest.approx(2 / 3) and near_chance.floor.p_value > 0.05
+    assert "is not significantly above always guessing the largest class (0.6667)" in (
+        near_chance.reason
+    )
+    good = promotion.decide(answers(230, 270), None, labels, cfg)
+    assert good.promoted and good.reason.startswith("first model to clear the floor")
+    # A number in params.yaml still wins.
+    assert not promotion.decide(answers(230, 270), None, labels, params("m", floor=0.9)).promoted
 
 
 def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
@@ -234,7 +289,11 @@ def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
     assert decision["promoted"] is False
     assert decision["champion_version"] == 2
     assert decision["champion_accuracy"] > 0.8 > decision["candidate_accuracy"]
-    assert weak_again["decision"]["reason"].startswith("does not beat champion version 2")
+    assert weak_again["decision"]["reason"].startswith("gains less than the margin 0.02 over")
+    # The strong model's promotion was decided on evidence, recorded with it.
+    strong_decision = json.loads((tmp_path / "strong-decision.json").read_text())
+    assert strong_decision["paired"]["p_value"] < 0.05
+    assert strong_decision["paired"]["ci_low"] > 0
     assert client.get_model_version(model_name, "3").tags["promotion.decision"] == "challenger"
 
 
@@ -331,3 +390,48 @@ def test_a_champion_of_other_classes_or_images_is_never_compared_and_nothing_mov
     assert not [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
     run = client.get_run(json.loads(run_info.read_text())["run_id"])
     assert (run.info.status, run.data.tags["export.outcome"]) == ("FINISHED", "FAILED")
+
+
+def rolled_int8(monkeypatch):
+    """Make the int8 model answer another class for every image: a real, large drop."""
+    real_runner = formats.load_runner
+
+    def runner(fmt, path, **knobs):
+        loaded = real_runner(fmt, path, **knobs)
+        if fmt != "tflite_int8":
+            return loaded
+        return lambda images: np.roll(loaded(images), 1, axis=1)
+
+    monkeypatch.setattr(formats, "load_runner", runner)
+
+
+def test_an_int8_model_that_really_loses_accuracy_is_left_out_and_the_float_one_ships(
+    trained, trained_store, tmp_path, model_name, monkeypatch
+):
+    rolled_int8(monkeypatch)
+    record = run_export(trained, tmp_path, params(model_name))
+    report = json.loads((tmp_path / "export-formats.json").read_text())
+    int8 = report["tflite_int8"]
+    assert (int8["passed"], int8["shipped"]) == (False, False)
+    assert int8["p_value"] < 0.05 and int8["accuracy_drop"] > 0.005
+    assert int8["reason"].startswith("left out: tflite_int8 accuracy_drop")
+    assert not (tmp_path / "export-formats" / formats.FILE_NAMES["tflite_int8"]).exists()
+    assert (tmp_path / "export-formats" / formats.FILE_NAMES["onnx"]).exists()
+    assert all(report[name]["shipped"] for name in formats.FORMATS if name != "tflite_int8")
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    version = client.get_model_version(model_name, str(record["version"]))
+    assert version.tags["format.tflite_int8.shipped"] == "false"
+    assert version.tags["format.tflite_int8.reason"] == int8["reason"]
+    assert version.tags["format.onnx.shipped"] == "true"
+    run = client.get_run(trained.result.run_id)
+    assert run.data.tags["format.tflite_int8.reason"] == int8["reason"]
+
+
+def test_require_int8_turns_a_real_int8_loss_into_a_failed_export(
+    trained, trained_store, tmp_path, model_name, monkeypatch
+):
+    rolled_int8(monkeypatch)
+    with pytest.raises(formats.ParityError, match=r"tflite_int8 accuracy_drop .* and real"):
+        run_export(trained, tmp_path, params(model_name, require_int8=True))
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []

@@ -101,6 +101,8 @@ def test_repro_writes_every_output_and_metric(repo):
         "macro_recall",
         "macro_f1",
         "ece",
+        "ece_uncalibrated",
+        "temperature",
         "top3_accuracy",
     }
     assert evaluation["accuracy"] > 0.75  # two epochs; ten classes

@@ -24,7 +24,9 @@ def test_train_writes_model_history_metrics_and_run_id(trained):
     assert list(history.columns) == loop.HISTORY_COLUMNS
     assert list(history["epoch"]) == list(range(1, TRAIN_EPOCHS + 1))
     metrics = json.loads(trained.metrics_path.read_text())
+    temperature = metrics.pop("temperature")
     assert metrics == pytest.approx(history.iloc[-1].drop("epoch").to_dict())
+    assert temperature == trained.result.temperature != 1.0  # calibrated by default
     assert json.loads(trained.run_info_path.read_text())["run_id"] == trained.result.run_id
     # Three epochs on the digits already beat chance (10 %) by far.
     assert metrics["val_accuracy"] > 0.8
@@ -211,6 +213,17 @@ def train_one_epoch(data_dir, out_dir, callbacks=(), **overrides):
     )
 
 
+class StepsPerExecution(keras.callbacks.Callback):
+    """Notes the steps per execution the model being fitted was compiled with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self.seen.add(self.model.steps_per_execution)
+
+
 class ComputeDtype(keras.callbacks.Callback):
     """Notes the dtype the model being fitted computes in."""
 
@@ -225,13 +238,18 @@ class ComputeDtype(keras.callbacks.Callback):
 def test_steps_per_execution_changes_the_speed_not_the_result(
     prepared_digits, tmp_path, mlflow_store
 ):
+    compiled = {steps: StepsPerExecution() for steps in (1, 7)}
     results = {
         steps: train_one_epoch(
-            prepared_digits, tmp_path / str(steps), steps_per_execution=steps, precision="float32"
+            prepared_digits,
+            tmp_path / str(steps),
+            callbacks=[compiled[steps]],
+            steps_per_execution=steps,
+            precision="float32",
         )
         for steps in (1, 7)  # 7 does not divide the epoch's batches: a short last call
     }
-    assert [results[steps].model.steps_per_execution for steps in (1, 7)] == [1, 7]
+    assert [compiled[steps].seen for steps in (1, 7)] == [{1}, {7}]
     pd.testing.assert_frame_equal(results[1].history, results[7].history)
     for one, seven in zip(results[1].model.weights, results[7].model.weights, strict=True):
         np.testing.assert_array_equal(one.numpy(), seven.numpy())
