@@ -121,7 +121,7 @@ class TrainedRun:
 
 
 def make_image_folder(
-    root: Path, per_class: int = 6, broken: bool = True, seed: int = 0
+    root: Path, per_class: int = 6, broken: bool = True, seed: int = 0, bright: str = "side"
 ) -> dict[str, list[str]]:
     """Two classes of images as people have them: mixed formats, modes and sizes.
 
@@ -150,8 +150,12 @@ def make_image_folder(
             extension, mode, options = kinds[index % len(kinds)]
             width, height = (int(v) for v in rng.integers(24, 160, size=2))
             pixels = rng.integers(0, 60, (height, width, 3)).astype(np.uint8)
-            half = slice(0, width // 2) if label == 0 else slice(width // 2, width)
-            pixels[:, half] += 180
+            if bright == "side":  # left or right: a horizontal flip swaps the classes
+                half = slice(0, width // 2) if label == 0 else slice(width // 2, width)
+                pixels[:, half] += 180
+            else:  # top or bottom: the classes survive a horizontal flip
+                half = slice(0, height // 2) if label == 0 else slice(height // 2, height)
+                pixels[half] += 180
             picture = Image.fromarray(pixels, "RGB")
             if mode == "I;16":
                 gray = np.asarray(picture.convert("L")).astype(np.uint16)
