@@ -63,6 +63,8 @@ bench: install ## run the benchmarks (after make run; MNIST from ../shared/data/
 	python -m benchmarks.mnist --epochs 10 --batch-size 64
 	python -m benchmarks.mnist --architecture small_bn_cnn --epochs 30 --batch-size 128 -S train.schedule=warmup_cosine -S train.augment=affine -S train.learning_rate=0.003
 	python -m benchmarks.train --epochs 3 --batch-size 64 --rounds 3
+	python -m benchmarks.photos --sizes 64,96
+	python -m benchmarks.augment --sizes 64,96
 	python -m benchmarks.inference
 	python -m benchmarks.pyfunc
 	python -m benchmarks.server

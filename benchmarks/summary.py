@@ -22,6 +22,9 @@ NO_OP_REPRO_TARGET_S = 1.0
 INFERENCE_TARGET = 4.0  # fastest exported format against Keras predict, same batch
 SMALL_MODEL_PARAMETERS = 100_000
 SMALL_MODEL_ACCURACY = 0.996
+PHOTO_ACCURACY = 0.85  # test accuracy on ../shared/data/catsdogs, from scratch
+PHOTO_ECE = 0.05
+AUGMENT_SLOWDOWN = 0.20  # train.augment: photo against an epoch without it
 
 Row = tuple[str, str, bool | None]  # target, measured, met (None: the figure shows neither)
 
@@ -104,6 +107,27 @@ def _parameters(run: dict) -> int:
     return run["parameters"]
 
 
+def _photos(photos: dict) -> Row:
+    target = (
+        f"from scratch on photos: >= {PHOTO_ACCURACY:.0%} test accuracy, ECE <= {PHOTO_ECE}"
+    )
+    best = max(photos["results"], key=lambda run: run["accuracy"])
+    low, high = best["accuracy_ci95"]
+    measured = (
+        f"{best['architecture']} at {best['size']}x{best['size']}: {best['accuracy']:.1%} "
+        f"(95 % CI {low:.1%} to {high:.1%}), ECE {best['ece']:.3f}, "
+        f"{best['train_minutes']:.1f} min"
+    )
+    return target, measured, best["accuracy"] >= PHOTO_ACCURACY and best["ece"] <= PHOTO_ECE
+
+
+def _augment(augment: dict) -> Row:
+    target = f"`train.augment: {augment['augment']}` slows an epoch by <= {AUGMENT_SLOWDOWN:.0%}"
+    slowdowns = {run["size"]: run["slowdown"] for run in augment["results"]}
+    measured = ", ".join(f"{size}x{size}: {value:.1%}" for size, value in slowdowns.items())
+    return target, measured, max(slowdowns.values()) <= AUGMENT_SLOWDOWN
+
+
 SMALL_MODEL_TARGET = (
     f"a model of <= {SMALL_MODEL_PARAMETERS:,} parameters at >= "
     f"{SMALL_MODEL_ACCURACY:.1%} MNIST test accuracy"
@@ -133,6 +157,8 @@ CHECKS: tuple[tuple[str, Callable[[dict], Row]], ...] = (
     ("train", _tracking),
     ("overhead", _no_op_repro),
     ("inference", _inference),
+    ("photos", _photos),
+    ("augment", _augment),
 )
 
 

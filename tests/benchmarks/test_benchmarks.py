@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 
 import benchmarks
-from benchmarks import inference, ingest, mnist, overhead, pyfunc, server, summary
+from benchmarks import augment, inference, ingest, mnist, overhead, photos, pyfunc, server, summary
 from benchmarks import train as train_benchmark
 from classifier.data.dataset import ImageSet, read_image_set, write_image_set
 from classifier.export.formats import ExportError, export_formats, load_runner
 from classifier.export.formats import representative_images as calibration_images
 from classifier.model.files import load_model
 from classifier.processes import ProcessGroup
-from tests.helpers import PROJECT_ROOT, STAGES, run_ok, write_idx_files
+from tests.helpers import PROJECT_ROOT, STAGES, make_image_folder, run_ok, write_idx_files
 
 LEVERS = {
     "onnx_tuned": "onnx",
@@ -223,6 +223,64 @@ def test_ingest_benchmark_fails_a_side_that_did_not_write_every_photo(results, m
     assert not results.exists()
 
 
+# ---------------------------------------------------------------------------- photos
+
+
+@pytest.mark.slow
+def test_photos_benchmark_runs_the_recipe_and_reports_what_evaluate_measured(
+    tmp_path, results, monkeypatch, capsys
+):
+    folder = tmp_path / "photos"
+    make_image_folder(folder, per_class=14, broken=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the benchmark points it at its own store
+    argv = ["--data", str(folder), "--sizes", "16", "--epochs", "1", "-S", "train.batch_size=8",
+            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    assert photos.main(argv) == 0
+
+    (reported,) = result(results, "photos")["results"]
+    assert (reported["architecture"], reported["size"]) == ("photo_resnet", 16)
+    assert reported["settings"]["train.augment"] == "photo"  # the recipe, with the overrides
+    assert reported["settings"]["train.epochs"] == 1
+    evaluated = json.loads((tmp_path / "work" / "photo_resnet-16" / "evaluate.json").read_text())
+    for key in ("accuracy", "ece", "ece_uncalibrated", "temperature"):
+        assert reported[key] == evaluated[key]
+    test = read_image_set(tmp_path / "work" / "photo_resnet-16" / "prepared" / "test")
+    assert reported["test_images"] == len(test.labels)
+    low, high = reported["accuracy_ci95"]
+    assert 0 <= low <= reported["accuracy"] <= high <= 1 and high - low > 0.2  # a few photos
+    minutes = reported["seconds"]["train"] / 60
+    assert reported["accuracy_per_minute"] == pytest.approx(reported["accuracy"] / minutes)
+    epoch = reported["seconds"]["train"]
+    assert reported["augment_slowdown"] == pytest.approx(
+        reported["augment_seconds_per_epoch"] / (epoch - reported["augment_seconds_per_epoch"])
+    )
+    assert "| photo_resnet | 16x16 | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_augment_benchmark_sets_augmenting_against_fitting_the_same_images(
+    tmp_path, results, monkeypatch
+):
+    folder = tmp_path / "photos"
+    make_image_folder(folder, per_class=10, broken=False)
+    fitted = []
+    measure = augment.measure
+
+    def recording(images, labels, *args):
+        fitted.append(images.shape)
+        return measure(images, labels, *args)
+
+    monkeypatch.setattr(augment, "measure", recording)
+    assert augment.main(["--data", str(folder), "--sizes", "16", "--epochs", "1"]) == 0
+
+    reported = result(results, "augment")
+    assert reported["augment"] == "photo" and reported["architecture"] == "photo_resnet"
+    (figures,) = reported["results"]
+    assert fitted == [(figures["images"], 16, 16, 3)]  # the train split, prepared at 16x16
+    assert figures["slowdown"] == pytest.approx(figures["augment_seconds"] / figures["fit_seconds"])
+    assert 0 < figures["augment_seconds"] and 0 < figures["fit_seconds"]
+
+
 # ---------------------------------------------------------------------------- overhead
 
 
@@ -294,12 +352,26 @@ def test_summary_sets_each_target_against_the_latest_results(tmp_path, monkeypat
         {"architecture": "reference_cnn", "epochs": 10, "test_accuracy": 0.99},
     )
 
+    # The most accurate photo run is the one set against the target, ECE included.
+    photo = {"architecture": "photo_resnet", "accuracy_ci95": [0.82, 0.90], "train_minutes": 7.4}
+    write("photos", {"results": [
+        {**photo, "size": 64, "accuracy": 0.8667, "ece": 0.049},
+        {**photo, "size": 96, "accuracy": 0.84, "ece": 0.01},
+    ]})  # fmt: skip
+    write("augment", {"augment": "photo", "results": [
+        {"size": 64, "slowdown": 0.05}, {"size": 96, "slowdown": 0.25},
+    ]})  # fmt: skip
+
     assert summary.main([]) == 0
 
     table = (tmp_path / "summary.md").read_text()
     assert capsys.readouterr().out == table
     met = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[-1] for row in table.splitlines()[2:]}
-    assert list(met.values()) == ["**no** |", "yes |", "yes |", "yes |", "not run |", "yes |"]
+    assert list(met.values()) == [
+        "**no** |", "yes |", "yes |", "yes |", "not run |", "yes |", "**no** |", "yes |"
+    ]
+    assert "photo_resnet at 64x64: 86.7% (95 % CI 82.0% to 90.0%), ECE 0.049, 7.4 min" in table
+    assert "64x64: 5.0%, 96x96: 25.0%" in table  # the slowest size decides
     assert "1.25x (rounds 1.1x to 1.6x)" in table
     assert "stage 19.5 s; plain not there after 46.2 s (3 epochs): < 0.42x" in table
     assert "`benchmarks/results/inference.json` missing" in table

@@ -353,6 +353,49 @@ def test_affine_augmentation_moves_each_image_within_bounds_the_same_for_the_sam
     np.testing.assert_array_equal(augmented, again)
 
 
+def test_photo_augmentation_flips_half_zooms_in_and_repeats_the_edges_never_black():
+    images = np.full((400, 64, 64, 3), 60, np.uint8)
+    images[:, :, :32, 0] = 250  # the left half red: a flip moves it right
+    images[:, 24:40, 24:40, 1] = 250  # a green 16 x 16 square on the centre
+    augmented = augment.augment_epoch(images, "photo", seed=7, epoch=3)
+    assert augmented.shape == images.shape and augmented.dtype == np.uint8
+    red = augmented[..., 0].astype(float)
+    flipped = red[:, :, 32:].mean((1, 2)) > red[:, :, :32].mean((1, 2))
+    assert 0.4 < flipped.mean() < 0.6
+    # The crop only zooms in (60 to 100 % of the area): the square grows, up to 1/0.6.
+    square = ((augmented[..., 1] > augmented[..., 2] + 60)).sum((1, 2))
+    assert square.min() >= 0.8 * 256 and square.max() > 1.4 * 256
+    # Rotations and crops sample past the edges: those repeat, no black corners.
+    assert augmented.max(axis=-1).min() > 30
+    np.testing.assert_array_equal(augmented, augment.augment_epoch(images, "photo", 7, 3))
+    assert not np.array_equal(augmented, augment.augment_epoch(images, "photo", 7, 4))
+
+
+def test_photo_augmentation_jitters_brightness_within_a_fifth_and_keeps_grey_grey():
+    grey = np.full((300, 32, 32, 1), 128, np.uint8)
+    values = augment.augment_epoch(grey, "photo", seed=0, epoch=0)
+    means = values.reshape(300, -1).mean(1)
+    assert (values == values[:, :1, :1]).all()  # a flat image stays flat
+    assert means.min() >= 128 * 0.8 - 1 and means.max() <= 128 * 1.2 + 1
+    assert means.max() - means.min() > 40  # brightness does vary
+
+
+def test_jitter_colours_scales_brightness_contrast_and_saturation():
+    rng = np.random.default_rng(0)
+    images = rng.integers(40, 200, (3, 8, 8, 3)).astype(np.uint8)
+    ones = np.ones(3, np.float32)
+    same = augment.jitter_colours(images, ones, ones, ones)
+    np.testing.assert_array_equal(same, images)
+    half = augment.jitter_colours(images, ones / 2, ones, ones)
+    assert np.abs(half.astype(int) - np.rint(images / 2)).max() <= 1
+    flat = augment.jitter_colours(images, ones, ones * 0, ones)
+    assert np.ptp(flat, axis=(1, 2)).max() <= 1  # no contrast: every pixel the mean grey
+    grey = augment.jitter_colours(images, ones, ones, ones * 0)
+    assert np.ptp(grey.astype(int), axis=-1).max() <= 1  # no saturation: R = G = B
+    brighter = augment.jitter_colours(images, ones * 3, ones, ones)
+    assert brighter.max() == 255  # clipped, not wrapped
+
+
 @pytest.mark.parametrize("augment", ["shift", "affine"])
 def test_augmentation_trains_and_leaves_the_saved_model_without_it(
     augment, prepared_digits, tmp_path, mlflow_store, monkeypatch
