@@ -51,3 +51,21 @@ def test_a_long_function_without_a_reason_is_found(tmp_path, monkeypatch):
     assert long_functions(module) == [f"module.py:5 long ({MAX_FUNCTION_LINES + 1})"]
     module.write_text(f"{LONG_BECAUSE} it is a test.\ndef long():\n{body}\n")
     assert long_functions(module) == []
+
+
+def test_no_pipeline_output_is_tracked_by_git():
+    """DVC refuses to write an output git tracks ("already tracked by SCM"): one committed
+    by mistake breaks `make run` on every fresh clone."""
+    import subprocess
+
+    pipeline = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    outputs = set()
+    for stage in pipeline["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                outputs.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    tracked = subprocess.run(
+        ["git", "ls-files", "--", *sorted(outputs)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert tracked == []
