@@ -81,6 +81,22 @@ def alive(pid: int) -> bool:
     return _state(pid) not in (None, ZOMBIE)
 
 
+def ignores(pid: int, sig: int) -> bool:
+    """Whether ``pid`` ignores ``sig`` (its SigIgn mask): sending it would change nothing.
+
+    A shell starts background jobs with SIGINT ignored, and Python keeps an inherited
+    SIG_IGN, so a plain Python child of a suite run as `make test &` never sees SIGINT.
+    """
+    try:
+        status = (PROC / str(pid) / "status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def _signal_members(leader: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(leader, sig)
@@ -173,6 +189,9 @@ class ProcessGroup:
         for sig in STOP_SIGNALS:
             if not self._alive():
                 break
+            living = [pid for pid in self.members() if alive(pid)]
+            if living and all(ignores(pid, sig) for pid in living):
+                continue  # waiting out the grace period would be in vain
             _signal_members(self.pid, sig)
             deadline = time.monotonic() + grace
             while self._alive() and time.monotonic() < deadline:

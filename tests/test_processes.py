@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-import time
 
 import pytest
 
-from classifier.processes import ProcessError, ProcessGroup, alive, descendants
+from classifier.processes import ProcessError, ProcessGroup, alive, descendants, ignores
 from tests.helpers import free_port
 
 SLEEPER = "import time; time.sleep(300)"
@@ -18,6 +18,14 @@ import os, subprocess, sys, time
 sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
 subprocess.Popen(sleeper)
 subprocess.Popen(sleeper, process_group=0)
+print("ready", flush=True)
+time.sleep(300)
+"""
+# Takes Ctrl-C as Python does by default, even where it started with SIGINT ignored (a suite
+# run as a background job).
+LISTENER = """
+import signal, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 print("ready", flush=True)
 time.sleep(300)
 """
@@ -55,10 +63,21 @@ def test_a_member_deaf_to_sigint_and_sigterm_is_killed_after_the_grace_periods(t
     assert not alive(group.pid)
 
 
+def test_a_member_that_ignores_sigint_is_seen_to_and_stopped_with_sigterm(tmp_path):
+    script = DEAF.replace("signal.signal(signal.SIGTERM, signal.SIG_IGN)", "")
+    group = ProcessGroup.start("half-deaf", [sys.executable, "-c", script], log_path=tmp_path / "l")
+    started(group)
+    assert ignores(group.pid, signal.SIGINT)
+    assert not ignores(group.pid, signal.SIGTERM)
+    assert group.stop(grace=10) == -signal.SIGTERM
+
+
 def test_stop_returns_the_exit_code_of_a_leader_that_stops_on_sigint(tmp_path):
-    group = ProcessGroup.start("sleeper", [sys.executable, "-c", SLEEPER])
-    time.sleep(0.5)  # Python's SIGINT handler is in place once the interpreter is up
-    assert group.stop(grace=10) in (1, -2)  # KeyboardInterrupt's exit, or killed by SIGINT
+    group = ProcessGroup.start(
+        "listener", [sys.executable, "-c", LISTENER], log_path=tmp_path / "listener.log"
+    )
+    started(group)
+    assert group.stop(grace=10) in (1, -signal.SIGINT)  # KeyboardInterrupt: exit 1, or by SIGINT
 
 
 def test_waiting_for_health_fails_at_once_with_the_log_when_the_process_exits(tmp_path):

@@ -293,6 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     for name in TEAM_FILES:  # the objects they refer to died with the last moto
         (root / name).unlink(missing_ok=True)
+    # Ctrl-C must stop everything even where SIGINT came in ignored: a shell starts a
+    # background job (`make test &`, many CI runners) with SIGINT ignored, and Python then
+    # leaves it ignored instead of raising KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
 
     key_id, secret = "team-up", generated_password()
