@@ -76,16 +76,36 @@ def _describe(holder: dict) -> str:
     return f"stage {holder.get('stage')}{experiment} (pid {holder.get('pid')})"
 
 
+# `dvc exp run --queue` and `--temp` run each experiment in its own copy under here.
+TEMP_COPIES = Path(".dvc") / "tmp" / "exps"
+
+
+def workspace_root() -> Path | None:
+    """The workspace this stage runs in under DVC; None outside DVC.
+
+    For a queued or ``--temp`` experiment DVC sets ``DVC_ROOT`` to the project it copied,
+    not to the copy the stage runs in: there the copy is the workspace, so that queue
+    workers running side by side (``dvc queue start -j 2``) do not stop each other.
+    """
+    root = os.environ.get("DVC_ROOT")
+    if not root:
+        return None
+    here, copies = Path.cwd().resolve(), (Path(root) / TEMP_COPIES).resolve()
+    if here.is_relative_to(copies) and here != copies:
+        return copies / here.relative_to(copies).parts[0]
+    return Path(root)
+
+
 @contextlib.contextmanager
 def exclusive_stage(stage: str, params_path: Path) -> Iterator[None]:
     """Hold the workspace for stage ``stage`` while the block runs (only under DVC)."""
-    root = os.environ.get("DVC_ROOT")
-    if not root:
+    root = workspace_root()
+    if root is None:
         yield
         return
     import fcntl
 
-    lock_path, state_path = Path(root) / LOCK_FILE, Path(root) / STATE_FILE
+    lock_path, state_path = root / LOCK_FILE, root / STATE_FILE
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("a+") as lock:
         try:

@@ -20,6 +20,7 @@ from classifier.atomic import atomic_path, check_writable, write_json, write_tex
 from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from classifier.config import Params, load_params
 from classifier.tracking import runs, store
+from classifier.training import trial
 from classifier.training.loop import HISTORY_COLUMNS, Trainer, TrainResult
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,15 @@ def run(
     of starting over. ``callbacks`` run after the stage's own at every epoch.
     """
     outputs.check_writable()
+    sweep = trial.join_sweep()  # a sweep's trial: its threads, its GPU, its parent run
     trainer = Trainer.start(params, Path(data_dir), outputs.checkpoint)
     if not trainer.is_chief:
         return trainer.fit_as_worker()
-    with runs.training_run(params.flat(), resume_run_id=trainer.resumed_run_id) as run_id:
+    with runs.training_run(
+        params.flat(),
+        resume_run_id=trainer.resumed_run_id,
+        parent_run_id=None if sweep is None else sweep.parent_run_id,
+    ) as run_id:
         trainer.log_inputs(data_report)
         result = trainer.fit(run_id, callbacks)
         write_outputs(result, outputs)

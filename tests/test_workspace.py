@@ -89,3 +89,21 @@ def test_a_run_whose_process_is_gone_does_not_hold_the_workspace(dvc_workspace, 
     monkeypatch.setenv("DVC_ROOT", str(dvc_workspace.parent))
     with exclusive_stage("train", dvc_workspace):  # a new run, later
         pass
+
+
+def test_queued_experiments_each_hold_their_own_copy_not_the_project(tmp_path, monkeypatch):
+    """DVC sets DVC_ROOT to the project for a queued experiment, which runs in a copy."""
+    project = tmp_path / "project"
+    copies = [project / ".dvc" / "tmp" / "exps" / name for name in ("tmpa1", "tmpb2")]
+    for copy in copies:
+        copy.mkdir(parents=True)
+        (copy / "params.yaml").write_text("train:\n  epochs: 3\n")
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.chdir(copies[0])
+    with exclusive_stage("train", copies[0] / "params.yaml"):
+        monkeypatch.chdir(copies[1])
+        with exclusive_stage("train", copies[1] / "params.yaml"):
+            pass
+    assert workspace.workspace_root() == copies[1]
+    assert (copies[0] / workspace.LOCK_FILE).exists()
+    assert not (project / workspace.LOCK_FILE).exists()

@@ -39,6 +39,8 @@ TAG_HOST = "process.host"
 TAG_PID = "process.pid"
 TAG_ORPHANED = "process.orphaned"
 TAG_RESUMED = "train.resumed"
+# MLflow's own tag: the UI shows the run under its parent (a sweep's trials).
+TAG_PARENT_RUN = "mlflow.parentRunId"
 
 
 # A store locked for a moment must not leave a failed run RUNNING: retry marking it.
@@ -85,8 +87,12 @@ def _run(**start_args: Any) -> Iterator[str]:
 
 
 @contextmanager
-def training_run(params: Mapping[str, Any], resume_run_id: str | None = None) -> Iterator[str]:
+def training_run(
+    params: Mapping[str, Any], resume_run_id: str | None = None, parent_run_id: str | None = None
+) -> Iterator[str]:
     """Open a new run with ``params`` and lineage tags (or reopen ``resume_run_id``); yield its id.
+
+    With ``parent_run_id`` (a sweep's trial) the new run is that run's child in MLflow.
 
     The run ends FINISHED when the block succeeds, KILLED when it is interrupted (Ctrl-C,
     SIGTERM) and FAILED when it raises, so a failed stage never leaves a run RUNNING. Runs
@@ -98,6 +104,8 @@ def training_run(params: Mapping[str, Any], resume_run_id: str | None = None) ->
     experiment_id = connect()
     close_orphaned_runs(experiment_id)
     tags = {**lineage_tags(), **process_tags()}
+    if parent_run_id is not None:
+        tags[TAG_PARENT_RUN] = parent_run_id
     if resume_run_id is None:
         name = tags.get(TAG_DVC_EXP_NAME) or run_name(str(params.get("data.source", "run")))
         start_args: dict[str, Any] = {"run_name": name, "tags": tags}

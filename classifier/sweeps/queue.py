@@ -1,0 +1,235 @@
+"""The DVC side of a sweep: each trial is a queued DVC experiment, run by DVC's workers.
+
+Queueing, starting workers, killing and reading results use DVC's own commands, as a
+person would type them (``dvc exp run --queue -n NAME -S ...``, ``dvc queue start -j N``,
+``dvc exp show --json``), so every trial is an experiment like any other: it shows in
+``dvc exp show`` and ``dvc exp apply`` applies it. Only the frequent "which trials are
+done?" check reads the queue's status through DVC's Python API, which answers in
+milliseconds where a ``dvc`` process takes a second of CPU from the trials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from classifier.cli import RUN_INFO
+from classifier.errors import StageError
+
+log = logging.getLogger(__name__)
+
+# DVC's names for a queued experiment's state (dvc queue status).
+QUEUED, RUNNING, SUCCESS, FAILED = "Queued", "Running", "Success", "Failed"
+DONE = (SUCCESS, FAILED)
+DVC_TIMEOUT_S = 600
+SHOW_ATTEMPTS = 4
+
+
+class QueueError(StageError):
+    """A DVC command of the sweep failed."""
+
+
+def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment, with this Python's folder first on PATH: DVC starts its workers
+    and the stages' ``python`` from PATH, and they must be this project's."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "true"
+    env.update(extra or {})
+    return env
+
+
+def dvc(root: Path, *args: str, extra_env: Mapping[str, str] | None = None) -> str:
+    """Run ``dvc ARGS`` in ``root``; its output, or a QueueError with DVC's own message."""
+    command = [sys.executable, "-m", "dvc", *args]
+    # Files, not pipes: `dvc queue start` leaves workers running that inherit its output,
+    # and a pipe would not close (nor this call return) until they exit.
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        done = subprocess.run(
+            command,
+            cwd=root,
+            env=dvc_env(extra_env),
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            timeout=DVC_TIMEOUT_S,
+            check=False,
+        )
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
+    if done.returncode != 0:
+        message = next(
+            (line for line in errors.splitlines() if line.startswith("ERROR")),
+            (errors.strip().splitlines() or [f"exit code {done.returncode}"])[-1],
+        )
+        raise QueueError(f"dvc {' '.join(args[:3])}: {message.removeprefix('ERROR: ')}")
+    return output
+
+
+def dvc_value(value: Any) -> str:
+    """``value`` as a ``-S key=value`` override that DVC writes back with the same type."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(dvc_value(item) for item in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def queue_trial(root: Path, name: str, overrides: Mapping[str, Any], target: str) -> None:
+    """Queue DVC experiment ``name``: the pipeline up to stage ``target``, with ``overrides``
+    set."""
+    settings = [f"{key}={dvc_value(value)}" for key, value in overrides.items()]
+    settings = [arg for setting in settings for arg in ("-S", setting)]
+    try:
+        dvc(root, "exp", "run", "--queue", target, "-n", name, *settings)
+    except QueueError as error:
+        if "conflicts with existing experiment" not in str(error):
+            raise
+        raise QueueError(
+            f"DVC experiment {name} exists already, from an earlier sweep of this name: "
+            f"give the sweep another name (name: in the spec), or remove those experiments "
+            f"(dvc exp remove {name} ...)"
+        ) from None
+
+
+def start_workers(root: Path, workers: int, env: Mapping[str, str] | None = None) -> None:
+    """Make sure ``workers`` DVC queue workers run (``dvc queue start -j N``).
+
+    DVC's workers stop after ten idle seconds; starting them again is cheap and starts
+    only the missing ones.
+    """
+    dvc(root, "queue", "start", "-j", str(workers), extra_env=env)
+
+
+def statuses(root: Path) -> dict[str, str]:
+    """Every queued experiment's name -> Queued, Running, Success or Failed."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        entries = repo.experiments.celery_queue.status()
+    found: dict[str, str] = {}
+    for entry in sorted(entries, key=lambda entry: entry["timestamp"]):
+        if entry.get("name"):
+            found[entry["name"]] = entry["status"]
+    return found
+
+
+def experiment_names(root: Path) -> set[str]:
+    """The names of the experiments DVC holds (finished ones, whatever their baseline)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        listed = repo.experiments.ls(all_commits=True)
+    return {name for entries in listed.values() for name, _ in entries if name}
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished experiment's params and metrics, as ``dvc exp show --json`` gives them."""
+
+    name: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+
+    def metric(self, file: str, key: str) -> float | None:
+        """The value of ``key`` (dotted for nested keys) in metrics file ``file``."""
+        value: Any = (self.metrics.get(file) or {}).get("data") or {}
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return float(value) if math.isfinite(value) else None
+
+
+def show(root: Path, baselines: Iterable[str]) -> dict[str, Finished]:
+    """Every experiment on ``baselines`` (git commits) with its params and metrics, by name."""
+    revs = [arg for rev in sorted(set(baselines)) for arg in ("--rev", rev)]
+    for attempt in range(SHOW_ATTEMPTS):
+        try:
+            rows = json.loads(dvc(root, "exp", "show", "--json", *revs) or "[]")
+            break
+        except QueueError:
+            # `dvc exp show` also reads the running experiments' temporary copies, and
+            # fails if one is removed while it looks: ask again.
+            if attempt == SHOW_ATTEMPTS - 1:
+                raise
+            time.sleep(1 + attempt)
+    found: dict[str, Finished] = {}
+    for baseline in rows:
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                data = rev.get("data") or {}
+                name = rev.get("name") or experiment.get("name")
+                if name:
+                    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+                    found[name] = Finished(name, params or {}, data.get("metrics") or {})
+    return found
+
+
+def train_run_id(root: Path, name: str) -> str | None:
+    """The MLflow run experiment ``name``'s model came from (its lineage/train_run.json)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return json.loads(dvc.api.read(RUN_INFO[0], repo=str(root), rev=name))["run_id"]
+    except (DvcException, OSError, ValueError, KeyError, TypeError) as error:
+        log.info("%s: no training run recorded: %s", name, error)
+        return None
+
+
+def head(root: Path) -> str:
+    """The commit trials queued now start from."""
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise QueueError(f"{root}: not a git repository with a commit; DVC experiments need one")
+    return done.stdout.strip()
+
+
+def stop(root: Path, running: Iterable[str], queued: Iterable[str]) -> None:
+    """Interrupt ``running`` experiments (their stages see Ctrl-C) and drop ``queued`` ones."""
+    for name in running:
+        try:
+            dvc(root, "queue", "kill", name)
+        except QueueError as error:  # it finished meanwhile
+            log.info("%s", error)
+    queued = list(queued)
+    if queued:
+        try:
+            dvc(root, "queue", "remove", *queued)
+        except QueueError as error:
+            log.info("%s", error)
+
+
+def failure(root: Path, name: str) -> str:
+    """The line that says why experiment ``name`` failed, from its log."""
+    try:
+        output = dvc(root, "queue", "logs", name)
+    except QueueError as error:
+        return str(error)
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in lines:  # a stage's own one-line error says it best
+        if ": error: " in line:
+            return line
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["failed; see dvc queue logs " + name])[0]
