@@ -3,8 +3,9 @@
 Writes the headline metrics (a DVC metrics file, see classifier/evaluation/metrics.py)
 and a plots folder: the tables behind them (per-test-image confusion rows, per-class
 metrics, calibration bins) and the pictures: confusion matrix, reliability diagram,
-training curves and the most confidently misclassified images. Everything also goes to
-the training run in MLflow.
+training curves and the most confidently misclassified images; and in insight/, what the
+network looks at (classifier/evaluation/insight.py): Grad-CAM heatmaps, feature maps and
+the first layer's filters. Everything also goes to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from classifier.atomic import atomic_path, write_json
 from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
 from classifier.config import EvaluateParams, load_params
 from classifier.data.dataset import ImageSet, read_image_set
-from classifier.evaluation import plots
+from classifier.evaluation import insight, plots
 from classifier.evaluation.metrics import (
     MISCLASSIFIED_SHOWN,
     calibration_bins,
@@ -83,6 +84,8 @@ def run(
         "misclassified.png": plots.image_grid_figure(
             mistakes, captions, "Most confidently misclassified test images"
         ),
+        # What the network looks at: Grad-CAM, feature maps, filters (in insight/).
+        **insight.insight_figures(model, test, probabilities),
     }
 
     training = runs.finished_run(run_id)
@@ -94,6 +97,7 @@ def run(
             per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
             calibration.to_csv(tmp / "calibration.csv", index=False, float_format="%.6f")
             for name, figure in figures.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 plots.save(figure, tmp / name)
         write_json(metrics_path, metrics)
         training.log_metrics({f"test_{key}": value for key, value in metrics.items()})

@@ -21,6 +21,7 @@ def metrics_module_ece(probabilities, labels):
 
 PICTURES = {"confusion.png", "reliability.png", "curves.png", "misclassified.png"}
 TABLES = {"confusion.csv", "per_class.csv", "calibration.csv"}
+INSIGHT = "insight"  # Grad-CAM, feature maps, filters: tests/evaluation/test_insight.py
 
 
 def test_score_is_cross_entropy_and_accuracy():
@@ -90,7 +91,7 @@ def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
         metrics_path=metrics_path,
         plots_dir=plots_dir,
     )
-    assert {p.name for p in plots_dir.iterdir()} == PICTURES | TABLES
+    assert {p.name for p in plots_dir.iterdir()} == PICTURES | TABLES | {INSIGHT}
     # The figures, recomputed here from the model and the *test* split (val has 270 too).
     test = read_image_set(trained.data_dir / "test")
     probabilities = load_model(str(trained.model_path)).predict(test.images, verbose=0)
@@ -132,7 +133,7 @@ def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
     assert run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
     logged = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert logged == PICTURES | TABLES
+    assert logged == PICTURES | TABLES | {INSIGHT}
 
 
 def test_evaluate_without_a_training_run_is_a_clear_error(trained, tmp_path):

@@ -1,0 +1,28 @@
+"""benchmarks.label_issues still runs and reports what it found, on a short run."""
+
+import json
+
+import pytest
+
+import benchmarks
+from benchmarks import label_issues as benchmark
+from tests.helpers import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_label_issues_benchmark_plants_two_percent_and_reports_how_many_it_found(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(benchmarks, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.chdir(PROJECT_ROOT)
+    code = benchmark.main(["--folds", "2", "--epochs", "1", "--seed", "0"])
+    reported = json.loads((tmp_path / "results" / "label_issues.json").read_text())
+    assert (reported["training_images"], reported["flipped"], reported["top_checked"]) == (
+        1257,
+        26,
+        26,
+    )
+    assert reported["recall_in_top"] == pytest.approx(reported["found_in_top"] / 26, abs=1e-4)
+    assert code == (0 if reported["recall_in_top"] >= benchmark.TARGET_RECALL else 1)
+    assert reported["folds"] == 2 and reported["epochs"] == 1

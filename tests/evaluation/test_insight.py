@@ -1,0 +1,190 @@
+"""What the network looks at: Grad-CAM, feature maps and filters, checked against their
+definitions, on real Keras models (classifier/evaluation/insight.py)."""
+
+from __future__ import annotations
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.signal import correlate2d
+
+from classifier.config import EvaluateParams
+from classifier.data.dataset import ImageSet, read_image_set
+from classifier.evaluation import insight
+from classifier.model.architectures import build_model
+from classifier.model.files import load_model
+from classifier.model.temperature import with_temperature
+from stages import evaluate
+
+SIZE = 28
+CORNER = 9  # the top-left CORNER x CORNER pixels decide the class
+SOBEL = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+
+
+def corner_images(count: int, seed: int) -> ImageSet:
+    """Class 1 has a bright square in the top-left corner, class 0 not; both have a bright
+    square of the same size somewhere else, so only the corner tells them apart."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 40, (count, SIZE, SIZE, 1)).astype(np.uint8)
+    labels = np.arange(count) % 2
+    for index in range(count):
+        row, column = rng.integers(CORNER + 1, SIZE - 6, 2)
+        images[index, row : row + 6, column : column + 6] = 230
+        if labels[index]:
+            top, left = rng.integers(1, CORNER - 6, 2)
+            images[index, top : top + 6, left : left + 6] = 230
+    return ImageSet(images, labels.astype(np.int64), ("plain", "corner"))
+
+
+def test_grad_cam_lights_up_the_corner_a_model_was_trained_to_look_at():
+    # The reference CNN's last map is 3x3: the corner is its top-left cell. (The other
+    # architectures' maps are checked against the definition below, untrained.)
+    keras.utils.set_random_seed(0)
+    train, test = corner_images(600, seed=1), corner_images(40, seed=2)
+    model = build_model("reference_cnn", (SIZE, SIZE, 1), 2)
+    model.compile(optimizer=keras.optimizers.Adam(0.003), loss="sparse_categorical_crossentropy")
+    model.fit(train.images, train.labels, epochs=6, batch_size=32, verbose=0)
+    probabilities = model.predict(test.images, verbose=0)
+    assert np.mean(probabilities.argmax(1) == test.labels) >= 0.95  # it learnt the corner
+
+    corner = test.images[test.labels == 1]
+    heat = insight.grad_cam(model, corner, np.ones(len(corner), np.int64))
+    assert heat.shape == corner.shape[:3] and heat.min() >= 0 and heat.max() <= 1
+    half = SIZE // 2
+    top_left = heat[:, :half, :half].mean(axis=(1, 2))
+    elsewhere = (heat.sum(axis=(1, 2)) - heat[:, :half, :half].sum(axis=(1, 2))) / (
+        SIZE * SIZE - half * half
+    )
+    assert np.mean(top_left > 2 * elsewhere) >= 0.9
+    hottest = [np.unravel_index(np.argmax(one), one.shape) for one in heat]
+    assert np.mean([row < half and column < half for row, column in hottest]) >= 0.9
+
+
+def cam_by_definition(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """For a global-average-pooling head, Grad-CAM is the class activation map (Zhou et al.):
+    the last feature map weighted by the Dense layer's column of the class, through a ReLU."""
+    features = keras.Model(model.inputs, model.get_layer("average").input).predict(
+        images, verbose=0
+    )
+    kernel = keras.ops.convert_to_numpy(model.get_layer("probabilities").kernel)
+    maps = np.maximum(np.einsum("nhwk,kn->nhw", features, kernel[:, classes]), 0)
+    return maps / np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "shape"),
+    [
+        ("small_bn_cnn", (28, 28, 1)),
+        ("photo_resnet", (32, 32, 3)),
+        ("mobilenet_v3_small", (96, 96, 1)),
+    ],
+)
+def test_grad_cam_is_the_class_activation_map_for_flat_and_nested_models(architecture, shape):
+    keras.utils.set_random_seed(3)
+    model = build_model(architecture, shape, 3)
+    images = np.random.default_rng(4).integers(0, 256, (4, *shape)).astype(np.uint8)
+    classes = np.array([0, 1, 2, 1])
+    expected = cam_by_definition(model, images, classes)
+    assert expected.shape[1] > 1  # a map, not one number
+    found = insight.class_activation_maps(model, images, classes)
+    np.testing.assert_allclose(found, expected, atol=1e-4)
+    # A temperature divides every logit alike: the same maps for the calibrated model.
+    calibrated = insight.class_activation_maps(with_temperature(model, 2.5), images, classes)
+    np.testing.assert_allclose(calibrated, expected, atol=1e-4)
+
+
+def test_feature_map_of_a_known_filter_equals_the_convolution_by_hand():
+    model = build_model("reference_cnn", (SIZE, SIZE, 1), 10)
+    conv = model.get_layer("conv1")
+    kernel, bias = (keras.ops.convert_to_numpy(w) for w in conv.weights)
+    kernel[:, :, 0, 0], bias[0] = SOBEL, 0.1
+    conv.set_weights([kernel, bias])
+    image = np.random.default_rng(5).integers(0, 256, (1, SIZE, SIZE, 1)).astype(np.uint8)
+
+    maps = insight.feature_maps(model, image)
+    assert list(maps) == ["conv1", "conv2", "conv3"]  # every convolution block, in order
+    by_hand = np.maximum(correlate2d(image[0, :, :, 0] / 255.0, SOBEL, mode="valid") + 0.1, 0)
+    np.testing.assert_allclose(maps["conv1"][0, :, :, 0], by_hand, atol=1e-5)
+
+    # The picture's tile of that channel: the map scaled to 0..1, at the image's size.
+    tiles = insight.feature_map_tiles(image, maps["conv1"], np.array([0]))
+    assert tiles.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_allclose(tiles[0, :, :, 0], image[0, :, :, 0] / 255.0)
+    resized = keras.ops.convert_to_numpy(
+        keras.ops.image.resize(insight.normalised(by_hand, (0, 1))[None, ..., None], (SIZE, SIZE),
+                               interpolation="nearest")
+    )[0, :, :, 0]  # fmt: skip
+    np.testing.assert_allclose(tiles[1, :, :, 0], resized, atol=1e-5)
+
+    # The first layer's filters: the Sobel kernel, 0 as mid-grey, its sign as light or dark.
+    layer, first = insight.first_filters(model)
+    assert layer == "conv1"
+    tile = insight.filter_tiles(first)[0, :, :, 0]
+    np.testing.assert_allclose(tile, 0.5 + 0.5 * SOBEL / 2)
+
+
+def test_feature_maps_of_a_nested_backbone_are_its_own_blocks():
+    keras.utils.set_random_seed(6)
+    model = build_model("mobilenet_v3_small", (64, 64, 1), 3)
+    images = np.random.default_rng(7).integers(0, 256, (2, 64, 64, 1)).astype(np.uint8)
+    maps = insight.feature_maps(model, images)
+    assert all(name.startswith("backbone/") for name in maps)
+    sizes = [found.shape[1] for found in maps.values()]
+    assert sizes == sorted(set(sizes), reverse=True) and len(sizes) >= 3  # one per resolution
+    # The same as the backbone alone, fed the grey image as three channels.
+    backbone = model.get_layer("backbone")
+    name, found = next(iter(maps.items()))
+    inner = keras.Model(backbone.input, backbone.get_layer(name.split("/")[1]).output)
+    rgb = np.repeat(images.astype(np.float32), 3, axis=-1)
+    np.testing.assert_allclose(found, inner.predict(rgb, verbose=0), atol=1e-4)
+    assert insight.first_filters(model)[1].shape[:3] == (3, 3, 3)
+
+
+def test_the_mistakes_shown_are_the_surest_wrong_answers():
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7], [0.95, 0.05]])
+    labels = np.array([1, 1, 0, 0, 0])
+    assert insight.confident_mistakes(probabilities, labels, 2).tolist() == [0, 3]
+    assert insight.confident_correct(probabilities, labels, 1, 2).tolist() == [4, 1]
+
+
+def test_evaluate_writes_and_logs_the_insight_pictures(trained, trained_store, tmp_path):
+    plots_dir = tmp_path / "plots"
+    evaluate.run(
+        EvaluateParams(batch_size=64),
+        data_dir=trained.data_dir,
+        model_path=trained.model_path,
+        run_info_path=trained.run_info_path,
+        history_path=trained.history_path,
+        metrics_path=tmp_path / "evaluate.json",
+        plots_dir=plots_dir,
+    )
+    written = {path.name for path in (plots_dir / insight.INSIGHT_DIR).iterdir()}
+    assert written == {
+        "gradcam_mistakes.png",
+        "gradcam_correct.png",
+        "feature_maps_1_conv1.png",
+        "feature_maps_2_conv2.png",
+        "feature_maps_3_conv3.png",
+        "filters.png",
+    }
+    for name in written:
+        with Image.open(plots_dir / insight.INSIGHT_DIR / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) >= 100
+    # The correct Grad-CAMs are drawn from the model's own maps: tile by tile, the panel is
+    # the test image blended with the heat of its predicted class.
+    test = read_image_set(trained.data_dir / "test")
+    model = load_model(str(trained.model_path))
+    probabilities = model.predict(test.images, verbose=0)
+    panels = insight.insight_panels(model, test, probabilities)
+    correct = insight.confident_correct(probabilities, test.labels, 3, 10)
+    heat = insight.grad_cam(model, test.images[correct], test.labels[correct])
+    np.testing.assert_allclose(
+        panels["gradcam_correct.png"].tiles,
+        insight.heat_overlay(test.images[correct], heat),
+        atol=1e-5,
+    )
+    client = mlflow.MlflowClient(tracking_uri=trained_store)
+    logged = client.list_artifacts(trained.result.run_id, f"evaluation/{insight.INSIGHT_DIR}")
+    assert {artifact.path.split("/")[-1] for artifact in logged} == written
