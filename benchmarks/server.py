@@ -1,21 +1,32 @@
-"""Model server latency: `mlflow models serve` over HTTP on 127.0.0.1, against the pyfunc itself.
+"""Model server latency and throughput: `make serve`'s server against what it replaced.
 
-Starts the real `mlflow models serve` of the registered champion (``models:/NAME@champion``,
-as `make serve` does) on a free port of 127.0.0.1 and sends single-image requests one
-after another over one keep-alive connection: a base64 PNG (``dataframe_split``) and a raw
-pixel array (``inputs``). The baseline is the same registered pyfunc,
-``mlflow.pyfunc.load_model`` then ``predict`` on the same image, timed around ``predict``
-in a Python process of its own (benchmarks/pyfunc.py's worker), so each ratio is what
-HTTP, JSON and the server add. The four ways take turns on the same image, in an order
-rotated every round, so load that comes and goes slows them alike; request bodies are
-built before the clock starts. Every answer must name the class the direct PNG call
-names. The server and the worker are started and stopped, each with its whole process
-group, by classifier.processes: at the end, on errors and on Ctrl-C too.
+Starts three servers on free ports of 127.0.0.1, each in a process group of its own:
 
-Prints a Markdown table and writes benchmarks/results/server.json.
+- ``serve``: the project's server (classifier/serving/server.py, what `make serve` runs) of
+  the registered champion, predicting on the fast runtime export shipped with it (LiteRT
+  or ONNX Runtime), with the prediction log and the metrics on;
+- ``mlflow``: `mlflow models serve` of the same registered pyfunc, made to predict with
+  Keras (``CLASSIFIER_RUNTIME=keras``): `make serve` as it was before (today's path);
+- ``keras``: `mlflow models serve` of the Keras model alone, saved with MLflow's keras
+  flavour (``mlflow.keras.save_model``): what a plain MLflow set-up serves. It takes pixel
+  arrays only.
 
-    python -m benchmarks.server            # 200 rounds after 20 warm-up ones
-    python -m benchmarks.server --quick    # 30 rounds after 5: a smoke run
+and, as before, the same registered pyfunc called in a process of its own (``direct_*``,
+benchmarks/pyfunc.py's worker), so that each server's ratio to it is what HTTP, JSON and
+the server add. Single-image requests go one after another over one keep-alive connection
+per server: a base64 PNG (``dataframe_split``) and a raw pixel array (``inputs``). Every
+way takes its turn on the same image in a round, in an order rotated every round, so load
+that comes and goes slows them alike; request bodies are built before the clock starts.
+Then batches of 256 images (PNG where the server takes them), the servers taking turns
+again, for throughput. Every answer must name the class the direct PNG call names (the
+plain Keras server's too). At the end, on errors and on Ctrl-C, every process group is
+stopped.
+
+Prints Markdown tables (with the ratios of ``serve`` to ``mlflow`` and to ``keras``) and
+writes benchmarks/results/server.json.
+
+    python -m benchmarks.server            # 200 rounds after 20 warm-up ones; 20 batch rounds
+    python -m benchmarks.server --quick    # 30 rounds after 5; 3 batch rounds: a smoke run
 """
 
 from __future__ import annotations
@@ -56,12 +67,25 @@ from benchmarks.pyfunc import (
 )
 from classifier.cli import run_stage
 from classifier.processes import ProcessError, ProcessGroup
+from classifier.serving.pyfunc import RUNTIME_ENV
 
 log = logging.getLogger("benchmarks.server")
 
 NAME = "server"
-REQUEST_TIMEOUT_SECONDS = 60
-MODES = ("http_png", "direct_png", "http_array", "direct_array")
+REQUEST_TIMEOUT_SECONDS = 120
+SERVERS = ("serve", "mlflow", "keras")
+# Single-image ways, server_kind; the plain Keras model takes pixel arrays only.
+MODES = (
+    "serve_png", "serve_array", "mlflow_png", "mlflow_array", "keras_array",
+    "direct_png", "direct_array",
+)  # fmt: skip
+BATCH_MODES = ("serve_png", "mlflow_png", "keras_array")
+BATCH_SIZE = 256
+BATCH_ROUNDS = {"full": 20, "quick": 3}
+BATCH_WARMUP = 2
+# The issue's targets for `make serve`, one image a request, on 2 cores.
+TARGET_P50_MS = 3.0
+TARGET_P99_MS = 6.0
 
 
 def free_port() -> int:
@@ -71,26 +95,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def server_command(model_uri: str, port: int) -> list[str]:
-    """`make serve`'s command for ``model_uri`` on ``port`` of 127.0.0.1."""
+def mlflow_command(model_uri: str, port: int) -> list[str]:
+    """`mlflow models serve` of ``model_uri`` on ``port`` of 127.0.0.1, in this environment."""
     return [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "--model-uri",
-        model_uri,
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+        str(Path(sys.executable).parent / "mlflow"), "models", "serve", "--model-uri", model_uri,
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+
+
+def serve_command(model_uri: str, version: int, port: int, log_dir: Path) -> list[str]:
+    """`make serve`'s server of ``model_uri``, its prediction log in ``log_dir``."""
+    return [
+        sys.executable, "-m", "classifier.serving.server", "--model-uri", model_uri,
+        "--model-version", str(version), "--host", "127.0.0.1", "--port", str(port),
+        "--log-dir", str(log_dir),
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ModelServer:
-    """A started `mlflow models serve`: its process group and port."""
+    """A started server: its process group and port."""
 
     group: ProcessGroup
     port: int
@@ -106,21 +130,32 @@ class ModelServer:
 
 
 @contextlib.contextmanager
-def model_server(model_uri: str, store_uri: str, log_path: Path) -> Iterator[ModelServer]:
-    """Start `mlflow models serve` of ``model_uri`` on a free port, as `make serve` does
-    (call ``wait_ready`` before use); stop its whole process group on the way out."""
-    port = free_port()
+def model_server(
+    name: str, command: Sequence[str], port: int, env: dict[str, str], log_path: Path
+) -> Iterator[ModelServer]:
+    """Start ``command`` (a server on ``port``; call ``wait_ready`` before use); stop its whole
+    process group on the way out."""
     started = time.monotonic()
-    group = ProcessGroup.start(
-        "the model server",
-        server_command(model_uri, port),
-        env=serving_env(store_uri),
-        log_path=log_path,
-    )
+    group = ProcessGroup.start(name, command, env=env, log_path=log_path, cwd=Path.cwd())
     try:
         yield ModelServer(group, port, started)
     finally:
         group.stop()
+
+
+def save_plain_keras(model_uri: str, store_uri: str, work: Path) -> Path:
+    """The Keras model inside the registered pyfunc, saved with MLflow's keras flavour."""
+    import mlflow
+    import mlflow.keras
+
+    from classifier.model.files import load_model
+
+    mlflow.set_tracking_uri(store_uri)
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(work / "registered")))
+    (keras_file,) = local.glob("artifacts/*.keras")
+    path = work / "plain-keras"
+    mlflow.keras.save_model(load_model(str(keras_file)), str(path), pip_requirements=["keras"])
+    return path
 
 
 class Client:
@@ -154,47 +189,59 @@ class Client:
         self.connection.close()
 
 
+def classes_of(answer: dict) -> list[int]:
+    """The class each image got: the pyfunc's class_index, or the argmax of bare probabilities."""
+    rows = answer["predictions"]
+    if rows and isinstance(rows[0], dict):
+        return [int(row["class_index"]) for row in rows]
+    return [int(np.argmax(row)) for row in rows]
+
+
+def png_body(pngs: Sequence[str]) -> bytes:
+    # What png_frame(images).to_dict(orient="split") gives, built once.
+    return json.dumps(
+        {"dataframe_split": {"index": list(range(len(pngs))), "columns": ["image"],
+                             "data": [[png] for png in pngs]}}
+    ).encode()  # fmt: skip
+
+
+def array_body(images: np.ndarray) -> bytes:
+    return json.dumps({"inputs": images.tolist()}).encode()
+
+
 def request_bodies(images: np.ndarray, pngs: Sequence[str]) -> dict[str, list[bytes]]:
-    """Each image as the JSON body of each HTTP mode, built before any clock starts."""
+    """Each image as the JSON body of each kind, built before any clock starts."""
     return {
-        "http_png": [
-            # What png_frame(image).to_dict(orient="split") gives, built once for every image.
-            json.dumps(
-                {"dataframe_split": {"index": [0], "columns": ["image"], "data": [[png]]}}
-            ).encode()
-            for png in pngs
-        ],
-        "http_array": [
-            json.dumps({"inputs": image[np.newaxis].tolist()}).encode() for image in images
-        ],
+        "png": [png_body([png]) for png in pngs],
+        "array": [array_body(image[np.newaxis]) for image in images],
     }
 
 
 def measure_latency(
-    client: Client,
+    clients: dict[str, Client],
     direct: DirectPyfunc,
     images: np.ndarray,
     pngs: Sequence[str],
     requests: int,
     warmup: int,
 ) -> dict[str, dict]:
-    """Single-image latency of the server (PNG and array) and of the pyfunc called directly.
+    """Single-image latency of each server (PNG and array) and of the pyfunc called directly.
 
-    The four ways take turns, each on the same image in a round, so the server and its
-    baseline see the same load. Every answer must name the class the direct PNG call names.
+    Every way takes its turn on the same image in a round. Every answer must name the
+    class the direct PNG call names.
     """
     from tqdm import tqdm
 
     bodies = request_bodies(images, pngs)
 
     def call(mode: str, index: int) -> tuple[float, int]:
-        transport, kind = mode.split("_")
-        if transport == "direct":
+        server, kind = mode.split("_")
+        if server == "direct":
             return direct.predict(kind, index)
         start = time.perf_counter()
-        answer = client.post(bodies[mode][index])
+        answer = clients[server].post(bodies[kind][index])
         seconds = time.perf_counter() - start
-        return seconds, int(answer["predictions"][0]["class_index"])
+        return seconds, classes_of(answer)[0]
 
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     wrong = dict.fromkeys(MODES, 0)
@@ -210,33 +257,135 @@ def measure_latency(
                 wrong[mode] += class_index != answers["direct_png"][1]
     summary = {mode: {**latency_summary(seconds[mode]), "wrong": wrong[mode]} for mode in MODES}
     for kind in ("png", "array"):
-        summary[f"overhead_{kind}"] = overhead(summary[f"http_{kind}"], summary[f"direct_{kind}"])
+        summary[f"overhead_{kind}"] = overhead(summary[f"serve_{kind}"], summary[f"direct_{kind}"])
     return summary
+
+
+def measure_batches(
+    clients: dict[str, Client], images: np.ndarray, pngs: Sequence[str], rounds: int
+) -> dict[str, dict]:
+    """Images/s of each server on batches of BATCH_SIZE images, taking turns each round."""
+    reps = -(-BATCH_SIZE // len(images))
+    batch = np.concatenate([images] * reps)[:BATCH_SIZE]
+    batch_pngs = (list(pngs) * reps)[:BATCH_SIZE]
+    bodies = {"png": png_body(batch_pngs), "array": array_body(batch)}
+    seconds: dict[str, list[float]] = {mode: [] for mode in BATCH_MODES}
+    answers: dict[str, list[int]] = {}
+    for step in range(BATCH_WARMUP + rounds):
+        shift = step % len(BATCH_MODES)
+        for mode in [*BATCH_MODES[shift:], *BATCH_MODES[:shift]]:
+            server, kind = mode.split("_")
+            start = time.perf_counter()
+            answer = clients[server].post(bodies[kind])
+            elapsed = time.perf_counter() - start
+            answers[mode] = classes_of(answer)
+            if step >= BATCH_WARMUP:
+                seconds[mode].append(elapsed)
+    reference = answers["serve_png"]
+    return {
+        mode: {
+            "images_per_second": round(BATCH_SIZE / float(np.median(seconds[mode])), 1),
+            "median_seconds": round(float(np.median(seconds[mode])), 4),
+            "disagreements": sum(a != b for a, b in zip(answers[mode], reference, strict=True)),
+        }
+        for mode in BATCH_MODES
+    }
+
+
+def ratios(latency: dict[str, dict], batches: dict[str, dict]) -> dict[str, float]:
+    """`make serve` against today's path and the plain Keras server, as ratios."""
+    figures = {
+        "p50_serve_png_over_mlflow_png": latency["serve_png"]["p50_ms"]
+        / latency["mlflow_png"]["p50_ms"],
+        "p50_serve_array_over_mlflow_array": latency["serve_array"]["p50_ms"]
+        / latency["mlflow_array"]["p50_ms"],
+        "p50_serve_array_over_keras_array": latency["serve_array"]["p50_ms"]
+        / latency["keras_array"]["p50_ms"],
+        "p99_serve_png_over_mlflow_png": latency["serve_png"]["p99_ms"]
+        / latency["mlflow_png"]["p99_ms"],
+        "batch_serve_png_over_mlflow_png": batches["serve_png"]["images_per_second"]
+        / batches["mlflow_png"]["images_per_second"],
+        "batch_serve_png_over_keras_array": batches["serve_png"]["images_per_second"]
+        / batches["keras_array"]["images_per_second"],
+    }
+    return {key: round(value, 3) for key, value in figures.items()}
+
+
+def targets(latency: dict[str, dict], ratio: dict[str, float]) -> dict[str, bool]:
+    return {
+        f"single PNG p50 <= {TARGET_P50_MS} ms": latency["serve_png"]["p50_ms"] <= TARGET_P50_MS,
+        f"single PNG p99 <= {TARGET_P99_MS} ms": latency["serve_png"]["p99_ms"] <= TARGET_P99_MS,
+        "batch-256 throughput >= today's": ratio["batch_serve_png_over_mlflow_png"] >= 1.0,
+    }
 
 
 def latency_table(latency: dict[str, dict]) -> str:
     rows = []
     for mode in MODES:
         figures = latency[mode]
-        kind = mode.rsplit("_", 1)[1]
+        server, kind = mode.split("_")
         versus = (
-            f"{latency[f'overhead_{kind}']['p50_ratio']:.2f}x"
-            if mode.startswith("http")
-            else "1.00x (baseline)"
+            f"{figures['p50_ms'] / latency[f'serve_{kind}']['p50_ms']:.2f}x"
+            if server != "serve"
+            else "1.00x"
         )
         rows.append(
             [
                 mode,
-                f"{figures['p50_ms']:.1f}",
-                f"{figures['p90_ms']:.1f}",
-                f"{figures['p99_ms']:.1f}",
+                f"{figures['p50_ms']:.2f}",
+                f"{figures['p90_ms']:.2f}",
+                f"{figures['p99_ms']:.2f}",
                 f"{figures['requests_per_second']:.0f}",
                 versus,
                 figures["wrong"],
             ]
         )
-    header = ["single image", "p50 ms", "p90 ms", "p99 ms", "req/s", "p50 vs direct", "wrong"]
+    header = ["single image", "p50 ms", "p90 ms", "p99 ms", "req/s", "p50 / serve's", "wrong"]
     return markdown_table(header, rows)
+
+
+def batch_table(batches: dict[str, dict]) -> str:
+    base = batches["serve_png"]["images_per_second"]
+    rows = [
+        [
+            mode,
+            f"{figures['images_per_second']:.0f}",
+            f"{figures['median_seconds'] * 1000:.0f}",
+            f"{base / figures['images_per_second']:.2f}x",
+            figures["disagreements"],
+        ]
+        for mode, figures in batches.items()
+    ]
+    header = [f"batch of {BATCH_SIZE}", "images/s", "median ms", "serve is", "disagreements"]
+    return markdown_table(header, rows)
+
+
+def start_servers(
+    stack: contextlib.ExitStack, model_uri: str, version: int, store_uri: str, work: Path
+) -> dict[str, ModelServer]:
+    """The three servers, started together and waited for."""
+    plain = save_plain_keras(model_uri, store_uri, work)
+    env = serving_env(store_uri)
+    ports = {name: free_port() for name in SERVERS}
+    commands = {
+        "serve": (serve_command(model_uri, version, ports["serve"], work / "log"), env),
+        "mlflow": (
+            mlflow_command(model_uri, ports["mlflow"]),
+            {**env, RUNTIME_ENV: "keras"},
+        ),
+        "keras": (mlflow_command(str(plain), ports["keras"]), env),
+    }
+    servers = {
+        name: stack.enter_context(
+            model_server(
+                f"the {name} server", command, ports[name], server_env, work / f"{name}.log"
+            )
+        )
+        for name, (command, server_env) in commands.items()
+    }
+    for name, server in servers.items():
+        log.info("%s server up after %.1fs", name, server.wait_ready())
+    return servers
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -250,33 +399,50 @@ def run(args: argparse.Namespace) -> dict:
         tempfile.TemporaryDirectory(prefix="benchmarks-server-") as work,
         contextlib.ExitStack() as stack,
     ):
-        log.info("starting `mlflow models serve` of %s (version %s)", model_uri, version)
+        log.info("starting the servers of %s (version %s)", model_uri, version)
         direct = stack.enter_context(direct_pyfunc(model_uri, store_uri, images, pngs, Path(work)))
-        server = stack.enter_context(model_server(model_uri, store_uri, Path(work) / "server.log"))
-        startup = server.wait_ready()
+        servers = start_servers(stack, model_uri, version, store_uri, Path(work))
+        startup = {name: round(time.monotonic() - s.started, 1) for name, s in servers.items()}
         direct.wait_ready()
-        client = Client(server.port)
-        stack.callback(client.close)
-        log.info("server up after %.1fs; %s requests each way", startup, args.requests)
-        latency = measure_latency(client, direct, images, pngs, args.requests, args.warmup)
+        clients = {name: Client(server.port) for name, server in servers.items()}
+        for client in clients.values():
+            stack.callback(client.close)
+        log.info("%s requests each way, then %s batch rounds", args.requests, args.batch_rounds)
+        latency = measure_latency(clients, direct, images, pngs, args.requests, args.warmup)
+        batches = measure_batches(clients, images, pngs, args.batch_rounds)
+    ratio = ratios(latency, batches)
     summary = {
         "quick": args.quick,
         "machine": machine(load_before),
         "versions": package_versions(PACKAGES),
         "model_uri": model_uri,
         "version": version,
-        "startup_seconds": round(startup, 1),
+        "startup_seconds": startup,
         "requests": args.requests,
         "warmup": args.warmup,
-        "client": "sequential, one keep-alive HTTP/1.1 connection, one image a request",
+        "batch_rounds": args.batch_rounds,
+        "client": "sequential, one keep-alive HTTP/1.1 connection per server",
+        "servers": {
+            "serve": "python -m classifier.serving.server (make serve), fast runtime, log on",
+            "mlflow": "mlflow models serve of the same pyfunc on Keras (make serve before)",
+            "keras": "mlflow models serve of the Keras model alone (mlflow.keras flavour)",
+        },
         "baseline": "direct_*: the same registered pyfunc, mlflow.pyfunc.load_model(...)"
         ".predict(...) in a Python process of its own, timed around predict",
         **latency,
+        "batch": batches,
+        "ratios": ratio,
+        "targets": targets(latency, ratio),
     }
     path = write_results(NAME, summary)
+    print("Model servers, one image a request\n\n" + latency_table(latency))
+    print(f"\nBatches of {BATCH_SIZE} images\n\n" + batch_table(batches))
+    print("\n" + "\n".join(f"{key}: {value}" for key, value in ratio.items()))
     print(
-        "Server latency, one image a request (baseline: the same pyfunc called directly)"
-        "\n\n" + latency_table(latency)
+        "\n"
+        + "\n".join(
+            f"{key}: {'met' if met else 'MISSED'}" for key, met in summary["targets"].items()
+        )
     )
     print(f"\nwritten to {path}")
     return summary
@@ -291,8 +457,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "champion); without them, run `make run` first. Writes benchmarks/results/server.json.",
     )
     add_model_options(parser)
+    parser.add_argument(
+        "--batch-rounds",
+        type=int,
+        help=f"timed batch rounds (full: {BATCH_ROUNDS['full']}, quick: {BATCH_ROUNDS['quick']})",
+    )
     args = parser.parse_args(argv)
     settle_options(parser, args)
+    if args.batch_rounds is None:
+        args.batch_rounds = BATCH_ROUNDS["quick" if args.quick else "full"]
+    if args.batch_rounds < 1:
+        parser.error("--batch-rounds must be >= 1")
     return args
 
 

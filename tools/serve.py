@@ -4,8 +4,11 @@
     python -m tools.serve --model-name pets-cnn --alias challenger --port 5002
 
 It resolves ``name@alias`` in the pipeline's store first, so a model that was never
-registered, or an alias nobody set, is one error line and exit code 1; then it runs
-MLflow's model server (``mlflow models serve``) on it.
+registered, or an alias nobody set, is one error line and exit code 1; then it replaces
+itself with the project's model server (classifier/serving/server.py) on that version,
+with the limits and the prediction log of ``serve.*`` in params.yaml: MLflow's request
+format on ``/invocations``, plus ``/metrics`` and the log. The version is pinned when the
+server starts, so the log names the version that answered even if the alias moves.
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classifier.cli import run_stage
-from classifier.config import load_params
+from classifier.config import ServeParams, load_params
 from classifier.errors import StageError
 from classifier.tracking import registry, store
 
 
-def resolve(model_name: str, alias: str) -> str:
-    """The URI of ``model_name@alias``; a StageError saying what to do if there is none."""
+def resolve(model_name: str, alias: str) -> int:
+    """The version ``model_name@alias`` points at; a StageError saying what to do if none."""
     store.connect()
     version = registry.aliased_version(model_name, alias)
     if version is None:
@@ -31,14 +34,23 @@ def resolve(model_name: str, alias: str) -> str:
             f"no version of {model_name} is @{alias} in {store.tracking_uri()}; "
             "run the pipeline (make run) first, or name another model with --model-name"
         )
-    return f"models:/{model_name}@{alias}"
+    return int(version.version)
 
 
-def command(model_uri: str, host: str, port: int) -> list[str]:
-    """``mlflow models serve`` of ``model_uri`` in this environment."""
+def command(
+    model_name: str, version: int, host: str, port: int, cfg: ServeParams, log_dir: Path
+) -> list[str]:
+    """The model server's command line for ``model_name`` version ``version``."""
     return [
-        sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", model_uri,
-        "--env-manager", "local", "--host", host, "--port", str(port),
+        sys.executable, "-m", "classifier.serving.server",
+        "--model-uri", f"models:/{model_name}/{version}",
+        "--model-name", model_name, "--model-version", str(version),
+        "--host", host, "--port", str(port),
+        "--max-body-bytes", str(cfg.max_body_bytes),
+        "--max-image-pixels", str(cfg.max_image_pixels),
+        "--log-dir", str(log_dir), "--log-max-bytes", str(cfg.log_max_bytes),
+        "--log-backups", str(cfg.log_backups),
+        *(["--log-images"] if cfg.log_images else []),
     ]  # fmt: skip
 
 
@@ -54,24 +66,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--alias", default="champion", help="which version: its alias")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=5001, help="port to listen on")
+    parser.add_argument(
+        "--log-dir", type=Path, help="prediction log folder (default: serve.log_dir in params.yaml)"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    resolved: list[str] = []
+    resolved: list[list[str]] = []
 
     def body() -> None:
-        name = args.model_name or load_params(args.params).export.model_name
-        resolved.append(resolve(name, args.alias))
+        params = load_params(args.params)
+        name = args.model_name or params.export.model_name
+        version = resolve(name, args.alias)
+        log_dir = args.log_dir or Path(params.serve.log_dir)
+        resolved.append(command(name, version, args.host, args.port, params.serve, log_dir))
 
     code = run_stage("serve", body)
     if code:
         return code
     sys.stdout.flush()
-    os.execv(sys.executable, command(resolved[0], args.host, args.port))
-    return 0  # not reached: MLflow's server replaced this process
+    # The server resolves models:/ URIs in the same store.
+    os.environ["MLFLOW_TRACKING_URI"] = store.tracking_uri()
+    os.execv(sys.executable, resolved[0])
+    return 0  # not reached: the model server replaced this process
 
 
 if __name__ == "__main__":

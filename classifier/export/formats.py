@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from classifier.errors import DataError, StageError
+from classifier.serving import runtime
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,14 @@ def export_formats(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / file_name for name, file_name in FILE_NAMES.items()}
-    exports = {
+    for name, options in _conversions(tf, calibration_samples).items():
+        _convert(model, name, paths[name], options, keras_path)
+    return {"keras": Path(keras_path), **paths}
+
+
+def _conversions(tf: Any, calibration_samples: Callable | None) -> dict[str, dict[str, Any]]:
+    """``model.export`` options of each format (int8 only with calibration samples)."""
+    conversions: dict[str, dict[str, Any]] = {
         "saved_model": {"format": "tf_saved_model"},
         # Builtin ops only: a file that needs TensorFlow (Flex) ops would not run on LiteRT alone.
         "tflite_float32": {
@@ -141,16 +148,43 @@ def export_formats(
         },
         "onnx": {"format": "onnx"},
     }
-    for name, options in exports.items():
-        log.info("exporting %s to %s", name, paths[name])
-        try:
-            with _quiet_converters():
-                model.export(str(paths[name]), verbose=False, **options)
-        except Exception as error:
-            raise ExportError(
-                f"{name}: converting {keras_path} failed: {str(error).strip().splitlines()[0]}"
-            ) from error
-    return {"keras": Path(keras_path), **paths}
+    if calibration_samples is None:
+        del conversions["tflite_int8"]
+    return conversions
+
+
+def _convert(model: Any, name: str, path: Path, options: dict[str, Any], source: Path) -> None:
+    log.info("exporting %s to %s", name, path)
+    try:
+        with _quiet_converters():
+            model.export(str(path), verbose=False, **options)
+    except Exception as error:
+        raise ExportError(
+            f"{name}: converting {source} failed: {str(error).strip().splitlines()[0]}"
+        ) from error
+
+
+def export_with_features(keras_path: Path, fmt: str, path: Path) -> Path:
+    """Convert the ``.keras`` model to the float format ``fmt`` at ``path``, with a second
+    output: its penultimate features (``features``, beside ``probabilities``), which the
+    served model's out-of-distribution score needs. Same converter and options as the
+    format's own file, so the same parity bound applies."""
+    import tensorflow as tf
+
+    from classifier.model.files import load_model
+
+    if fmt not in runtime.FAST_FORMATS:
+        raise ExportError(f"{fmt}: only {list(runtime.FAST_FORMATS)} are served with features")
+    model = load_model(str(keras_path))
+    try:
+        two_outputs = runtime.with_features(model)
+    except runtime.RuntimeLoadError as error:
+        raise ExportError(f"{keras_path}: {error}") from None
+    # A functional model built from another one is called once before it can be exported.
+    two_outputs([np.zeros((1, *model.inputs[0].shape[1:]), dtype=np.uint8)])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _convert(two_outputs, fmt, Path(path), _conversions(tf, None)[fmt], keras_path)
+    return Path(path)
 
 
 def _checked(fmt: str, image_shape: tuple, predict: Runner) -> Runner:
@@ -192,66 +226,30 @@ def _saved_model_runner(path: Path) -> Runner:
     return _checked("saved_model", tuple(input_spec.shape[1:]), predict)
 
 
-def _dequantised(values: np.ndarray, detail: Mapping) -> np.ndarray:
-    """Float values of a TFLite output; integer outputs carry a (scale, zero point)."""
-    scale, zero_point = detail["quantization"]
-    if values.dtype == np.float32 or scale == 0:
-        return values
-    return (values.astype(np.float32) - zero_point) * scale
+def _from_runtime(fmt: str, load: Callable[[], runtime.Runtime]) -> Runner:
+    """A runner of the probabilities of a file the serving runtime loads (one implementation
+    for export and serving: classifier/serving/runtime.py)."""
+    try:
+        loaded = load()
+    except runtime.RuntimeLoadError as error:
+        raise ExportError(str(error)) from None
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return loaded.run(images)[runtime.PROBABILITIES]
+
+    return _checked(fmt, loaded.input_shape, predict)
 
 
 def _tflite_runner(
     fmt: str, path: Path, num_threads: int | None, xnnpack: bool, remember_shape: bool
 ) -> Runner:
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    resolver = (
-        {}
-        if xnnpack
-        else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    return _from_runtime(
+        fmt, lambda: runtime.litert(fmt, path, num_threads, xnnpack, remember_shape)
     )
-    interpreter = Interpreter(
-        model_path=str(path), num_threads=num_threads or os.cpu_count(), **resolver
-    )
-    (input_detail,) = interpreter.get_input_details()
-    (output_detail,) = interpreter.get_output_details()
-    if input_detail["dtype"] != np.uint8 or input_detail["quantization"][0] != 0:
-        raise ExportError(
-            f"{fmt}: {path} must take raw uint8 pixels, takes "
-            f"{input_detail['dtype'].__name__} quantised as {input_detail['quantization']}"
-        )
-    sized_for = [tuple(input_detail["shape"])]
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        # The interpreter holds one batch size at a time; resize only when it changes.
-        if remember_shape:
-            current = sized_for[0]
-        else:
-            current = tuple(interpreter.get_input_details()[0]["shape"])
-        if current != images.shape:
-            interpreter.resize_tensor_input(input_detail["index"], images.shape, strict=True)
-            interpreter.allocate_tensors()
-            sized_for[0] = images.shape
-        interpreter.set_tensor(input_detail["index"], images)
-        interpreter.invoke()
-        return _dequantised(interpreter.get_tensor(output_detail["index"]), output_detail)
-
-    interpreter.allocate_tensors()
-    return _checked(fmt, tuple(int(size) for size in input_detail["shape"][1:]), predict)
 
 
 def _onnx_runner(path: Path, session_options: Any | None) -> Runner:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(
-        str(path), session_options, providers=["CPUExecutionProvider"]
-    )
-    (model_input,) = session.get_inputs()
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return session.run(None, {model_input.name: images})[0]
-
-    return _checked("onnx", tuple(model_input.shape[1:]), predict)
+    return _from_runtime("onnx", lambda: runtime.onnx(path, session_options))
 
 
 def load_runner(

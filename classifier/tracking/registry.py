@@ -36,7 +36,9 @@ SERVED_MODEL = "classifier.serving.served_model"
 TAG_CLASSES = "model.classes"
 TAG_INPUT = "model.input"
 # Packages the served model needs, pinned to this environment's versions.
-SERVED_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")
+SERVED_REQUIREMENTS = (
+    "mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow", "onnxruntime", "ai-edge-litert",
+)  # fmt: skip
 
 
 def serving_code(scratch: Path) -> Path:
@@ -116,11 +118,13 @@ def log_served_model(
     resize: str,
     input_example: pd.DataFrame,
     interface: ModelInterface,
+    extra_artifacts: Mapping[str, Path] | None = None,
 ) -> LoggedModel:
     """Store ``classifier.serving``'s pyfunc for the ``.keras`` file at ``model_path``.
 
     Built from code (no pickle), with the project modules it imports (:func:`serving_code`),
-    the labels file and the ``resize`` policy. ``input_example`` is a DataFrame of base64
+    the labels file, the ``resize`` policy and ``extra_artifacts`` (artifact key -> file:
+    what classifier/serving/prepare.py made). ``input_example`` is a DataFrame of base64
     image files; its predictions make the output schema. The model is linked to the
     training run ``run_id``, which stays as it is.
     """
@@ -141,6 +145,7 @@ def log_served_model(
             serving.KERAS_ARTIFACT: str(model_path),
             serving.LABELS_ARTIFACT: str(labels_path),
             serving.PREPROCESSING_ARTIFACT: str(preprocessing),
+            **{key: str(path) for key, path in (extra_artifacts or {}).items()},
         }
         with reporting_errors(), warnings.catch_warnings():
             # class_index is never missing: MLflow's hint about integer columns does not apply.

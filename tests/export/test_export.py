@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -154,6 +155,13 @@ def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
     assert float(version.tags["promotion.candidate_accuracy"]) == pytest.approx(
         decision["candidate_accuracy"]
     )
+    # Its model card is the version's description and an artifact of the training run
+    # (what the card says: tests/export/test_model_card.py).
+    assert version.description.startswith(f"# Model card: {model_name} (reference_cnn)")
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=trained.result.run_id, artifact_path="model_card.md", tracking_uri=trained_store
+    )
+    assert Path(logged).read_text() == version.description
 
     mlflow.set_tracking_uri(trained_store)
     served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")

@@ -171,7 +171,9 @@ def test_registered_model_is_code_and_weights_with_labels_signature_and_example(
         "classifier/model/__init__.py",
         "classifier/model/files.py",
         "classifier/serving/__init__.py",
+        "classifier/serving/ood.py",
         "classifier/serving/pyfunc.py",
+        "classifier/serving/runtime.py",
         "classifier/serving/served_model.py",
     }
     labels = json.loads(next(local.glob("artifacts/classes.json")).read_text())
@@ -183,12 +185,7 @@ def test_registered_model_is_code_and_weights_with_labels_signature_and_example(
     assert set(run.data.params) == set(trained.params.flat())
     info = mlflow.models.get_model_info(registered["model_uri"])
     assert info.signature.inputs is None
-    assert info.signature.outputs.input_names() == [
-        "class_name",
-        "class_index",
-        "confidence",
-        "probabilities",
-    ]
+    assert info.signature.outputs.input_names() == list(serving.COLUMNS)
     example = json.loads((local / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["image"]
     assert len(example["dataframe_split"]["data"]) == 3
