@@ -10,6 +10,8 @@ VENV := .venv
 # Use uv from PATH, else the one pip installs for $(PYTHON).
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 MLFLOW_PORT ?= 5000
+# The sweep spec `make sweep` and `make sweep-promote` run.
+SPEC ?= sweeps/example.yaml
 SERVE_PORT ?= 5001
 SERVE_HOST ?= 127.0.0.1
 # The registered model `make serve` serves: export.model_name in params.yaml.
@@ -20,7 +22,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help install run test test-fast ui serve exp compare lint format bench clean team-up
+.PHONY: help install run test test-fast ui serve monitor exp compare lint format bench clean team-up sweep sweep-promote
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -43,14 +45,23 @@ test-fast: install ## the fast tier: no pipeline subprocesses, no servers (about
 ui: install ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT to change)
 	python -m tools.ui --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-serve: install ## serve MODEL_NAME@champion on http://127.0.0.1:5001/invocations (SERVE_PORT, SERVE_HOST)
+serve: install ## serve MODEL_NAME@champion on http://127.0.0.1:5001/invocations, /metrics; logs to logs/predictions
 	python -m tools.serve --model-name "$(MODEL_NAME)" --host $(SERVE_HOST) --port $(SERVE_PORT)
+
+monitor: install ## compare the newest served predictions with the training data: reports/monitor.html
+	python -m tools.monitor
 
 exp: install ## dvc exp show: every param and metric, without the dependency-hash columns
 	dvc exp show --drop '^(stages|data|models|lineage|plots|reports)/|^Created$$'
 
 compare: install ## HTML comparison of the champion's run and the latest other: reports/compare.html
 	python -m tools.compare
+
+sweep: install ## run (or resume) the sweep SPEC on DVC's queue workers; report in sweeps/<name>/
+	python -m tools.sweep $(SPEC)
+
+sweep-promote: install ## send the best trial of SPEC through export's promotion gate
+	python -m tools.sweep $(SPEC) --promote
 
 lint: install ## ruff check and format check
 	ruff check . && ruff format --check .

@@ -2,8 +2,9 @@
 side by side in the same invocation, because these machines are shared and noisy.
 
 One module per benchmark, each run as ``python -m benchmarks.<name>`` (``--help`` says what
-it measures): ingest, mnist, train, photos, augment, inference, pyfunc, server, overhead;
-then summary, which sets the performance targets against their latest results.
+it measures): ingest, mnist, train, photos, augment, inference, pyfunc, server, overhead,
+insight, label_issues; then summary, which sets the performance targets against their
+latest results.
 """
 
 import contextlib

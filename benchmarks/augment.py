@@ -98,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         [[f"{r['size']}x{r['size']}", r["images"], f"{r['augment_seconds']:.2f}",
           f"{r['fit_seconds']:.2f}", f"{r['slowdown']:.1%}"] for r in results],
     )  # fmt: skip
-    report("augment", {"data": str(args.data), "augment": args.augment,
-                       "architecture": args.architecture, "results": results, "table": table})  # fmt: skip
+    summary = {"data": str(args.data), "augment": args.augment,
+               "architecture": args.architecture, "results": results, "table": table}  # fmt: skip
+    report("augment", summary)
     print(table)
     return 0
 

@@ -108,9 +108,7 @@ def _parameters(run: dict) -> int:
 
 
 def _photos(photos: dict) -> Row:
-    target = (
-        f"from scratch on photos: >= {PHOTO_ACCURACY:.0%} test accuracy, ECE <= {PHOTO_ECE}"
-    )
+    target = f"from scratch on photos: >= {PHOTO_ACCURACY:.0%} test accuracy, ECE <= {PHOTO_ECE}"
     best = max(photos["results"], key=lambda run: run["accuracy"])
     low, high = best["accuracy_ci95"]
     measured = (

@@ -152,6 +152,39 @@ class ExportParams(_Section):
         return self
 
 
+class LabelIssuesParams(_Section):
+    """Which training labels are probably wrong (stage ``label_issues``, off by default).
+
+    ``folds`` models of ``train.architecture``, each trained ``epochs`` epochs on the other
+    folds, give every training image out-of-fold probabilities for confident learning.
+    """
+
+    enabled: bool
+    folds: int = Field(ge=2, le=50)
+    epochs: int = Field(ge=1, le=10_000)
+
+
+class ServeParams(_Section):
+    """What the served model does (chosen by export, stored with it) and how the server
+    (``python -m tools.serve``) and the monitor (``python -m tools.monitor``) run."""
+
+    # auto: the fastest float format that passed parity (LiteRT, then ONNX Runtime), else Keras
+    runtime: Literal["auto", "tflite_float32", "onnx", "keras"]
+    ood_score: Literal["mahalanobis", "energy"]
+    # The confidence threshold is the lowest at which the validation images answered are
+    # this accurate; the OOD threshold this quantile of their OOD scores (null: none).
+    target_accuracy: float = Field(gt=0, le=1)
+    ood_quantile: float | None = Field(gt=0.5, le=1)
+    max_body_bytes: int = Field(ge=1024, le=2**31)
+    max_image_pixels: int = Field(ge=64, le=178_956_970)  # PIL refuses more anyway
+    log_dir: str = Field(min_length=1)
+    log_max_bytes: int = Field(ge=1024, le=2**40)
+    log_backups: int = Field(ge=1, le=1000)
+    log_images: bool
+    monitor_window: int = Field(ge=10, le=10_000_000)
+    drift_alpha: float = Field(gt=0, lt=1)
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -160,6 +193,8 @@ class Params(_Section):
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams
+    serve: ServeParams
+    label_issues: LabelIssuesParams
 
     @model_validator(mode="after")
     def _split_leaves_training_data(self) -> Params:

@@ -277,6 +277,7 @@ def leftovers(folder: Path) -> list[str]:
 PROJECT_FILES = [
     "dvc.yaml",
     "params.yaml",
+    "exclude.yaml",
     "stages",
     "classifier",
     "tools",
@@ -288,7 +289,10 @@ PROJECT_FILES = [
 ]
 
 
-STAGES = ["download", "preprocess", "train", "evaluate", "export"]
+# Every stage of dvc.yaml, in the order a default `dvc repro` runs them. label_issues is
+# optional: off by default (label_issues.enabled), it trains nothing and only writes an
+# empty table, in seconds (docs/insight.md#training-labels-that-are-probably-wrong).
+STAGES = ["download", "preprocess", "train", "evaluate", "export", "label_issues"]
 
 
 def user_env() -> dict[str, str]:

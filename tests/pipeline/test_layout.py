@@ -1,9 +1,11 @@
-"""The layout is the architecture: five thin stages, the library apart, short functions."""
+"""The layout is the architecture: thin stages, the library apart, short functions."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import yaml
 
 from tests.helpers import PROJECT_ROOT, STAGES
 
@@ -13,9 +15,12 @@ LONG_BECAUSE = "# Long because"
 CODE = ("classifier", "stages", "tools")
 
 
-def test_stages_holds_the_five_stage_modules_and_nothing_else():
+def test_stages_holds_the_pipelines_stage_modules_and_nothing_else():
+    # The five stages of every run, and label_issues, which is optional (off by default).
     modules = {path.stem for path in (PROJECT_ROOT / "stages").glob("*.py")}
     assert modules == {"__init__", *STAGES}
+    pipeline = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    assert list(pipeline["stages"]) == STAGES
 
 
 def long_functions(path: Path) -> list[str]:

@@ -363,7 +363,7 @@ def test_photo_augmentation_flips_half_zooms_in_and_repeats_the_edges_never_blac
     flipped = red[:, :, 32:].mean((1, 2)) > red[:, :, :32].mean((1, 2))
     assert 0.4 < flipped.mean() < 0.6
     # The crop only zooms in (60 to 100 % of the area): the square grows, up to 1/0.6.
-    square = ((augmented[..., 1] > augmented[..., 2] + 60)).sum((1, 2))
+    square = (augmented[..., 1] > augmented[..., 2] + 60).sum((1, 2))
     assert square.min() >= 0.8 * 256 and square.max() > 1.4 * 256
     # Rotations and crops sample past the edges: those repeat, no black corners.
     assert augmented.max(axis=-1).min() > 30
