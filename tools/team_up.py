@@ -287,17 +287,23 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _stop_on_ctrl_c_and_sigterm() -> None:
+    """Raise KeyboardInterrupt on SIGINT and SIGTERM, so ``main`` stops everything.
+
+    Even where SIGINT came in ignored: a shell starts a background job (`make test &`, many
+    CI runners) with SIGINT ignored, and Python then leaves it ignored.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.dir.resolve()
     root.mkdir(parents=True, exist_ok=True)
     for name in TEAM_FILES:  # the objects they refer to died with the last moto
         (root / name).unlink(missing_ok=True)
-    # Ctrl-C must stop everything even where SIGINT came in ignored: a shell starts a
-    # background job (`make test &`, many CI runners) with SIGINT ignored, and Python then
-    # leaves it ignored instead of raising KeyboardInterrupt.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _stop_on_ctrl_c_and_sigterm()
 
     key_id, secret = "team-up", generated_password()
     admin_password, user_password = generated_password(), generated_password()

@@ -360,7 +360,10 @@ def test_ctrl_c_in_train_then_dvc_checkout_restores_every_output(clone):
     set_params(clone, epochs=1)
     output = kill_during(clone, "train: MLflow run", signal.SIGINT)
     assert "train: interrupted" in output
-    assert runs_with_status(clone, "RUNNING") == []  # the run ended KILLED, not left open
+    assert runs_with_status(clone, "RUNNING") == []
+    killed = runs_with_status(clone, "KILLED")  # ended by train itself, not found orphaned
+    assert len(killed) == 1
+    assert "process.orphaned" not in client(clone).get_run(killed[0]).data.tags
     assert_checkout_restores(clone, before)
 
 

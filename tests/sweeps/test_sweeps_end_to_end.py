@@ -1,7 +1,7 @@
 """End to end: real sweeps on DVC's real queue workers, in a copy of the project in a git repo.
 
-One repository for the module (a one-epoch baseline), one grid of three trials on two
-workers with a failing one among them, and one search of three trials stopped by Ctrl-C
+One repository for the module (a one-epoch baseline), one grid of four trials on two
+workers with a failing one among them, and one search of four trials stopped by Ctrl-C
 and resumed. Every result is checked in `dvc exp show`, in MLflow and in the report.
 """
 
@@ -27,13 +27,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweeps")]
 EXPERIMENT = "image-classification"
 DEADLINE_S = 600
 
-# reference_cnn needs 18x18 images: 16 fails. 28 is the baseline itself, which DVC does
-# not run again; 20 is the one new model. (Grids of several params: tests/sweeps/test_spec.)
+# reference_cnn needs 18x18 images: one bad combination among four. reference_cnn at 28
+# is the baseline itself, which DVC does not run again.
 GRID = {
     "metric": "metrics/evaluate.json:accuracy",
     "direction": "maximize",
     "workers": 2,
-    "grid": {"preprocess.image_height": [16, 28, 20]},
+    "grid": {
+        "train.architecture": ["reference_cnn", "small_bn_cnn"],
+        "preprocess.image_height": [16, 28],
+    },
 }
 # A metric of train: trials stop there, so this one also checks that no trial ran evaluate.
 SEARCH = {
@@ -41,7 +44,7 @@ SEARCH = {
     "direction": "maximize",
     "workers": 2,
     "search": {
-        "trials": 3,
+        "trials": 4,
         "seed": 3,
         "params": {
             "train.learning_rate": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
@@ -114,13 +117,15 @@ def exp_show(repo: Path) -> dict[str, dict]:
 def test_a_grid_runs_each_point_as_a_dvc_experiment_on_two_queue_workers(repo, grid):
     shown = exp_show(repo)
     trials = {name: shown[name] for name in shown if name.startswith("grid-")}
-    assert set(trials) == {"grid-1", "grid-2", "grid-3"}
-    for number, height in enumerate(GRID["grid"]["preprocess.image_height"], start=1):
+    assert set(trials) == {"grid-1", "grid-2", "grid-3", "grid-4"}
+    expected = [("reference_cnn", 16), ("reference_cnn", 28), ("small_bn_cnn", 16)]
+    expected.append(("small_bn_cnn", 28))
+    for number, (architecture, height) in enumerate(expected, start=1):
         params = trials[f"grid-{number}"]["params"]
-        assert params["train"]["architecture"] == "reference_cnn"
+        assert params["train"]["architecture"] == architecture
         assert params["preprocess"]["image_height"] == height
     assert trials["grid-1"]["state"] == "failed"
-    assert {trials[f"grid-{k}"]["state"] for k in (2, 3)} == {"success"}
+    assert {trials[f"grid-{k}"]["state"] for k in (2, 3, 4)} == {"success"}
     status = run_ok(repo, "dvc", "queue", "status")
     assert re.search(r"grid-1\s+.*Failed", status), status
     # DVC started two workers, and each trial's TensorFlow got its share of the cores.
@@ -147,8 +152,8 @@ def test_a_grid_is_one_parent_run_with_a_child_named_after_each_experiment(repo,
     parent, children = family(repo, "grid")
     assert parent.info.status == "FINISHED"
     by_name = {run.info.run_name: run for run in children}
-    assert sorted(by_name) == ["grid-1", "grid-2", "grid-3"]
-    assert len(children) == 3  # no duplicate
+    assert sorted(by_name) == ["grid-1", "grid-2", "grid-3", "grid-4"]
+    assert len(children) == 4  # no duplicate
     assert {name: run.data.tags["dvc.exp_name"] for name, run in by_name.items()} == {
         name: name for name in by_name
     }
@@ -156,15 +161,17 @@ def test_a_grid_is_one_parent_run_with_a_child_named_after_each_experiment(repo,
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     assert by_name["grid-1"].info.status == "FAILED"
     assert "needs images of at least 18x18" in by_name["grid-1"].data.tags["sweep.error"]
-    assert {by_name[f"grid-{k}"].info.status for k in (2, 3)} == {"FINISHED"}
+    assert {by_name[f"grid-{k}"].info.status for k in (2, 3, 4)} == {"FINISHED"}
     # grid-2 is the baseline's params: DVC reused the baseline's run, and says so.
     assert "sweep.reused_run" in by_name["grid-2"].data.tags
     shown = exp_show(repo)
-    for name in ("grid-2", "grid-3"):
+    for name in ("grid-2", "grid-3", "grid-4"):
         accuracy = shown[name]["metrics"]["metrics/evaluate.json"]["data"]["accuracy"]
         assert by_name[name].data.metrics["test_accuracy"] == pytest.approx(accuracy)
     assert not [run.info.run_name for run in experiment_runs(repo) if run.info.status == "RUNNING"]
-    best = max(("grid-2", "grid-3"), key=lambda n: by_name[n].data.metrics["test_accuracy"])
+    best = max(
+        ("grid-2", "grid-3", "grid-4"), key=lambda n: by_name[n].data.metrics["test_accuracy"]
+    )
     assert parent.data.tags["sweep.best.trial"] == best
     assert parent.data.metrics["best_accuracy"] == pytest.approx(
         by_name[best].data.metrics["test_accuracy"]
@@ -192,9 +199,8 @@ def test_the_report_shows_every_trial_with_the_numbers_of_its_run(repo, grid):
         assert f"/runs/{run.info.run_id}" in page  # linked by name
     best = parent.data.tags["sweep.best.trial"]
     assert re.search(rf'<tr class="best" data-name="{best}"', page)
-    assert page.count("data:image/png;base64,") >= 2  # self-contained figures
-    # Two results are too few to apportion the metric's variance (the search has three).
-    assert '<table id="importances">' not in page
+    assert page.count("data:image/png;base64,") >= 3  # self-contained figures
+    assert '<table id="importances">' in page
 
 
 def wait_for(condition, what: str) -> None:
@@ -256,7 +262,7 @@ def test_a_search_stopped_by_ctrl_c_resumes_without_repeating_a_finished_trial(r
         assert runs_before[name] in {run.info.run_id for run in children}
     rows = list(csv_rows(repo / "sweeps/search/trials.csv"))
     complete = [row for row in rows if row["state"] == "COMPLETE"]
-    assert len([row for row in rows if row["state"] != "KILLED"]) == 3  # the budget
+    assert len([row for row in rows if row["state"] != "KILLED"]) == 4  # the budget
     points = [(row["train.learning_rate"], row["train.batch_size"]) for row in complete]
     assert len(points) == len(set(points))
     killed = [row for row in rows if row["state"] == "KILLED"]
