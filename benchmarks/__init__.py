@@ -24,6 +24,22 @@ def write_results(name: str, summary: dict) -> Path:
     return path
 
 
+def prepare_data(params, root: Path) -> Path:
+    """Download and preprocess ``params``' data under ``root`` with the stages' own code;
+    the prepared folder."""
+    from stages import download, preprocess
+
+    download.run(params.data, out_dir=root / "raw")
+    preprocess.run(
+        params.preprocess,
+        raw_dir=root / "raw",
+        out_dir=root / "prepared",
+        metrics_path=root / "data.json",
+        report_path=root / "data.md",
+    )
+    return root / "prepared"
+
+
 def report(name: str, summary: dict) -> None:
     """Print a benchmark's summary and keep it as benchmarks/results/<name>.json."""
     print(write_results(name, summary).read_text(), end="")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks import package_versions, report
+from benchmarks import package_versions, prepare_data, report
 from classifier.config import load_params
 from classifier.data.dataset import ImageSet, read_image_set
 from classifier.data.duplicates import image_hashes
@@ -33,18 +33,7 @@ PACKAGES = ("cleanlab", "keras", "tensorflow")
 
 def prepared_digits(root: Path, params_path: Path) -> Path:
     """The project's default data, downloaded and preprocessed under ``root``."""
-    from stages import download, preprocess
-
-    params = load_params(params_path)
-    download.run(params.data, out_dir=root / "raw")
-    preprocess.run(
-        params.preprocess,
-        raw_dir=root / "raw",
-        out_dir=root / "prepared",
-        metrics_path=root / "data.json",
-        report_path=root / "data.md",
-    )
-    return root / "prepared"
+    return prepare_data(load_params(params_path), root)
 
 
 def measure(

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks import markdown_table, report
+from benchmarks import markdown_table, prepare_data, report
 
 SHARED = Path("../shared/data")
 PHOTOS = 500
@@ -58,7 +58,7 @@ def measure(source: str, epochs: int, root: Path) -> dict:
     from classifier.data.dataset import read_image_set
     from classifier.serving import prepare, runtime
     from classifier.serving.prepare import Splits, prepare_serving, shifted_images
-    from stages import download, preprocess, train
+    from stages import train
 
     raw = yaml.safe_load(Path("params.yaml").read_text())
     if source == "mnist":
@@ -68,14 +68,7 @@ def measure(source: str, epochs: int, root: Path) -> dict:
     params = parse_params(raw, "params.yaml (benchmark overrides)")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     started = time.perf_counter()
-    download.run(params.data, out_dir=root / "raw")
-    preprocess.run(
-        params.preprocess,
-        raw_dir=root / "raw",
-        out_dir=root / "prepared",
-        metrics_path=root / "data.json",
-        report_path=root / "data.md",
-    )
+    prepare_data(params, root)
     outputs = train.TrainOutputs.under(root / "model")
     train.run(params, data_dir=root / "prepared", outputs=outputs)
     splits = Splits(
