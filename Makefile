@@ -39,7 +39,7 @@ run: install ## run the pipeline on the offline default data (dvc repro)
 test: install ## run the whole test suite (in parallel: one worker per core)
 	python -m pytest -n auto
 
-test-fast: install ## the fast tier: no pipeline subprocesses, no servers (about a minute)
+test-fast: install ## the fast tier: no pipeline runs, no servers, no long trainings
 	python -m pytest -n auto -m "not slow"
 
 ui: install ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT to change)

@@ -38,6 +38,7 @@ def corner_images(count: int, seed: int) -> ImageSet:
     return ImageSet(images, labels.astype(np.int64), ("plain", "corner"))
 
 
+@pytest.mark.slow
 def test_grad_cam_lights_up_the_corner_a_model_was_trained_to_look_at():
     # The reference CNN's last map is 3x3: the corner is its top-left cell. (The other
     # architectures' maps are checked against the definition below, untrained.)
@@ -149,6 +150,7 @@ def test_the_mistakes_shown_are_the_surest_wrong_answers():
     assert insight.confident_correct(probabilities, labels, 1, 2).tolist() == [4, 1]
 
 
+@pytest.mark.slow
 def test_evaluate_writes_and_logs_the_insight_pictures(trained, trained_store, tmp_path):
     plots_dir = tmp_path / "plots"
     evaluate.run(

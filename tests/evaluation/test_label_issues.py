@@ -104,6 +104,7 @@ def test_the_stage_when_off_trains_nothing_and_writes_an_empty_table(tmp_path):
     assert not (tmp_path / "out" / stage.PROBABILITIES_FILE).exists()
 
 
+@pytest.mark.slow
 def test_the_stage_when_on_writes_the_ranked_table_picture_and_probabilities(
     prepared_digits, tmp_path
 ):

@@ -135,6 +135,7 @@ def test_the_auto_floor_is_beating_the_largest_class_significantly():
     assert not promotion.decide(answers(230, 270), None, labels, params("m", floor=0.9)).promoted
 
 
+@pytest.mark.slow
 def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
     trained, trained_store, tmp_path, model_name
 ):
@@ -174,6 +175,7 @@ def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
     )
 
 
+@pytest.mark.slow
 def test_every_format_is_written_checked_and_recorded_in_dvc_metrics_and_the_run(
     trained, trained_store, tmp_path, model_name
 ):
@@ -197,6 +199,7 @@ def test_every_format_is_written_checked_and_recorded_in_dvc_metrics_and_the_run
     assert {"formats/model.onnx", "formats/model_int8.tflite", "formats/saved_model"} <= logged
 
 
+@pytest.mark.slow
 def test_a_format_that_fails_parity_fails_export_before_anything_is_registered(
     trained, trained_store, tmp_path, model_name, monkeypatch
 ):
@@ -247,6 +250,7 @@ def test_an_output_that_cannot_be_written_stops_export_before_anything_is_regist
     assert client.search_registered_models(filter_string=f"name = '{model_name}'") == []
 
 
+@pytest.mark.slow
 def test_a_registry_that_fails_at_the_last_step_leaves_no_version_and_no_record(
     trained, trained_store, tmp_path, model_name, monkeypatch
 ):
@@ -265,6 +269,7 @@ def test_a_registry_that_fails_at_the_last_step_leaves_no_version_and_no_record(
     assert not (tmp_path / "second.json").exists()
 
 
+@pytest.mark.slow
 def test_first_model_below_the_floor_is_only_a_challenger(
     trained, trained_store, tmp_path, model_name
 ):
@@ -413,6 +418,7 @@ def rolled_int8(monkeypatch):
     monkeypatch.setattr(formats, "load_runner", runner)
 
 
+@pytest.mark.slow
 def test_an_int8_model_that_really_loses_accuracy_is_left_out_and_the_float_one_ships(
     trained, trained_store, tmp_path, model_name, monkeypatch
 ):
@@ -435,6 +441,7 @@ def test_an_int8_model_that_really_loses_accuracy_is_left_out_and_the_float_one_
     assert run.data.tags["format.tflite_int8.reason"] == int8["reason"]
 
 
+@pytest.mark.slow
 def test_require_int8_turns_a_real_int8_loss_into_a_failed_export(
     trained, trained_store, tmp_path, model_name, monkeypatch
 ):

@@ -150,6 +150,7 @@ def test_runners_reject_images_the_model_does_not_take(exported):
             runner(images[:, :20])
 
 
+@pytest.mark.slow
 def test_rgb_non_square_model_exports_with_float_parity(tmp_path):
     model_path = save_reference_cnn(tmp_path / "rgb.keras", (32, 40, 3), 2, seed=0)
     rng = np.random.default_rng(0)

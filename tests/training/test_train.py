@@ -131,6 +131,7 @@ def test_train_main_exits_nonzero_on_missing_data_and_opens_no_run(tmp_path, mlf
     )
 
 
+@pytest.mark.slow
 def test_interrupted_training_ends_the_run_killed_and_saves_no_model(
     prepared_digits, tmp_path, mlflow_store, monkeypatch
 ):
@@ -145,6 +146,7 @@ def test_interrupted_training_ends_the_run_killed_and_saves_no_model(
     assert run_statuses(mlflow_store) == ["KILLED"]
 
 
+@pytest.mark.slow
 def test_sigterm_lost_in_a_garbage_collector_callback_still_stops_training(
     prepared_digits, tmp_path, mlflow_store, monkeypatch, capsys
 ):
@@ -235,6 +237,7 @@ class ComputeDtype(keras.callbacks.Callback):
         self.seen.add(self.model.compute_dtype)
 
 
+@pytest.mark.slow
 def test_steps_per_execution_changes_the_speed_not_the_result(
     prepared_digits, tmp_path, mlflow_store
 ):
@@ -255,6 +258,7 @@ def test_steps_per_execution_changes_the_speed_not_the_result(
         np.testing.assert_array_equal(one.numpy(), seven.numpy())
 
 
+@pytest.mark.slow
 def test_model_trained_in_bfloat16_is_saved_as_a_float32_model(
     prepared_digits, tmp_path, mlflow_store
 ):
@@ -396,6 +400,7 @@ def test_jitter_colours_scales_brightness_contrast_and_saturation():
     assert brighter.max() == 255  # clipped, not wrapped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", ["shift", "affine"])
 def test_augmentation_trains_and_leaves_the_saved_model_without_it(
     augment, prepared_digits, tmp_path, mlflow_store, monkeypatch
@@ -435,6 +440,7 @@ def test_an_output_that_cannot_be_written_stops_train_before_any_epoch(
     assert not outputs.checkpoint.exists()
 
 
+@pytest.mark.slow
 def test_the_progress_line_counts_epochs_out_of_the_runs_total(
     prepared_digits, tmp_path, mlflow_store, capsys
 ):

@@ -61,6 +61,7 @@ class BackboneWeights(keras.callbacks.Callback):
         self.by_epoch.append({w.path: w.numpy().copy() for w in backbone.weights})
 
 
+@pytest.mark.slow
 def test_a_backbone_takes_uint8_pixels_grey_or_rgb():
     for shape in (SHAPE, (32, 32, 1)):
         model = build_model("mobilenet_v3_small", shape, 3)
@@ -69,6 +70,7 @@ def test_a_backbone_takes_uint8_pixels_grey_or_rgb():
         assert model.predict(images, verbose=0).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_load_the_head_trains_frozen_then_the_top_fine_tunes(
     photos, tmp_path, mlflow_store, monkeypatch
 ):
@@ -113,6 +115,7 @@ def test_a_file_that_is_not_weights_is_one_line(photos, tmp_path, mlflow_store, 
         train.run(params, data_dir=photos, outputs=train.TrainOutputs.under(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_weights_of_another_backbone_are_one_line(photos, tmp_path, mlflow_store, monkeypatch):
     monkeypatch.chdir(tmp_path)
     saved_backbone_weights(tmp_path / "pretrained" / "other.weights.h5", "efficientnet_v2_b0")
