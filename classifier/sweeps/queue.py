@@ -33,6 +33,11 @@ QUEUED, RUNNING, SUCCESS, FAILED = "Queued", "Running", "Success", "Failed"
 DONE = (SUCCESS, FAILED)
 DVC_TIMEOUT_S = 600
 SHOW_ATTEMPTS = 4
+# `dvc exp show` reads the running experiments' temporary git copies. When a worker removes
+# one mid-read, pygit2's BlobIO can wait forever for a reader thread that has died (seen in
+# a full test run: 10 minutes in Event.wait, one thread left). A normal answer takes
+# seconds, so a show that is not back in this time is killed and asked again.
+SHOW_TIMEOUT_S = 120
 
 
 class QueueError(StageError):
@@ -49,22 +54,33 @@ def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def dvc(root: Path, *args: str, extra_env: Mapping[str, str] | None = None) -> str:
-    """Run ``dvc ARGS`` in ``root``; its output, or a QueueError with DVC's own message."""
+def dvc(
+    root: Path,
+    *args: str,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = DVC_TIMEOUT_S,
+) -> str:
+    """Run ``dvc ARGS`` in ``root``; its output, or a QueueError with DVC's own message (or
+    saying it did not answer within ``timeout`` seconds, after which it is killed)."""
     command = [sys.executable, "-m", "dvc", *args]
     # Files, not pipes: `dvc queue start` leaves workers running that inherit its output,
     # and a pipe would not close (nor this call return) until they exit.
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        done = subprocess.run(
-            command,
-            cwd=root,
-            env=dvc_env(extra_env),
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            timeout=DVC_TIMEOUT_S,
-            check=False,
-        )
+        try:
+            done = subprocess.run(
+                command,
+                cwd=root,
+                env=dvc_env(extra_env),
+                stdout=stdout,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise QueueError(
+                f"dvc {' '.join(args[:3])}: no answer within {timeout:g} s; stopped"
+            ) from None
         stdout.seek(0)
         stderr.seek(0)
         output, errors = stdout.read(), stderr.read()
@@ -164,11 +180,12 @@ def show(root: Path, baselines: Iterable[str]) -> dict[str, Finished]:
     revs = [arg for rev in sorted(set(baselines)) for arg in ("--rev", rev)]
     for attempt in range(SHOW_ATTEMPTS):
         try:
-            rows = json.loads(dvc(root, "exp", "show", "--json", *revs) or "[]")
+            shown = dvc(root, "exp", "show", "--json", *revs, timeout=SHOW_TIMEOUT_S)
+            rows = json.loads(shown or "[]")
             break
         except QueueError:
             # `dvc exp show` also reads the running experiments' temporary copies, and
-            # fails if one is removed while it looks: ask again.
+            # fails, or hangs (SHOW_TIMEOUT_S), if one is removed while it looks: ask again.
             if attempt == SHOW_ATTEMPTS - 1:
                 raise
             time.sleep(1 + attempt)
