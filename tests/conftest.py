@@ -15,15 +15,15 @@ from tests.helpers import (
     TEST_EXPERIMENT,
     TRAIN_EPOCHS,
     TrainedRun,
+    fresh_store,
     project_params,
-    sqlite_uri,
 )
 
 
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh MLflow sqlite store that the stages log to; returns its URI."""
-    uri = sqlite_uri(tmp_path)
+    uri = fresh_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
     return uri
@@ -53,6 +53,7 @@ def trained(prepared_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from stages import train
 
     root = tmp_path_factory.mktemp("trained")
+    store = fresh_store(root)
     params = project_params(train={"epochs": TRAIN_EPOCHS})
     outputs = train.TrainOutputs(
         model=root / "models" / "model.keras",
@@ -62,14 +63,14 @@ def trained(prepared_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         checkpoint=root / "models" / "checkpoint",
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(root))
+        patch.setenv("MLFLOW_TRACKING_URI", store)
         patch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
         patch.setenv("DVC_EXP_NAME", DVC_EXPERIMENT)
         report = prepared_digits.parent / "data.md"
         result = train.run(params, data_dir=prepared_digits, outputs=outputs, data_report=report)
     return TrainedRun(
         params,
-        sqlite_uri(root),
+        store,
         prepared_digits,
         model_path=outputs.model,
         history_path=outputs.history,
@@ -144,11 +145,21 @@ def http_server(tmp_path_factory: pytest.TempPathFactory):
 # Found last, they would run after everything else, one worker idle.
 RUN_FIRST = ("tests/team/test_remote.py", "tests/team/test_tracking_server.py")
 RUN_SECOND = ("tests/pipeline/test_pipeline.py",)
+RUN_THIRD = ("tests/sweeps/test_sweeps_end_to_end.py",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         path = item.nodeid.split("::")[0]
-        return 0 if path in RUN_FIRST else 1 if path in RUN_SECOND else 2
+        for number, paths in enumerate((RUN_FIRST, RUN_SECOND, RUN_THIRD)):
+            if path in paths:
+                return number
+        return 3
 
     items.sort(key=rank)  # stable: otherwise the collection's order
+    # A module's tests run on one xdist worker unless they name a group that spans modules:
+    # then its module-scoped fixtures (a model exported to every format, a download that
+    # fills a disk) are built once, not once on each worker that gets one of its tests.
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__.removeprefix("tests.")))

@@ -68,6 +68,30 @@ def sqlite_uri(directory: Path) -> str:
     return f"sqlite:///{directory / 'mlflow.db'}"
 
 
+_EMPTY_STORES: dict[int, Path] = {}
+
+
+def fresh_store(directory: Path) -> str:
+    """A new, empty MLflow sqlite store in ``directory``; returns its URI.
+
+    MLflow takes about 3 s of CPU to create a store (its schema migrations, one by one).
+    So each test process has MLflow create one, empty, and every fresh store is a copy of
+    that file: the same schema and rows as a store MLflow made there, in milliseconds.
+    """
+    template = _EMPTY_STORES.get(os.getpid())
+    if template is None:
+        import tempfile
+
+        import mlflow
+
+        template = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-")) / "mlflow.db"
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+        _EMPTY_STORES[os.getpid()] = template
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, directory / "mlflow.db")
+    return sqlite_uri(directory)
+
+
 def write_raw_pool(raw_dir: Path, image_set) -> None:
     """Write ``image_set`` as the download stage's pool layout (what digits produce)."""
     from classifier.atomic import write_json

@@ -161,6 +161,7 @@ def test_train_benchmark_runs_each_variant_in_a_process_and_times_the_stages_mlf
     assert "| stage | " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_untracked_stage_variant_opens_no_mlflow_run_and_puts_the_tracking_calls_back(
     tmp_path, monkeypatch
 ):

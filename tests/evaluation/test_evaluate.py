@@ -78,6 +78,7 @@ def test_most_confident_mistakes_come_first():
     assert captions[0] == "#1: a as b (90%)"
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
     trained, trained_store, tmp_path
 ):

@@ -79,7 +79,7 @@ def cam_by_definition(model: keras.Model, images: np.ndarray, classes: np.ndarra
     [
         ("small_bn_cnn", (28, 28, 1)),
         ("photo_resnet", (32, 32, 3)),
-        ("mobilenet_v3_small", (96, 96, 1)),
+        pytest.param("mobilenet_v3_small", (96, 96, 1), marks=pytest.mark.slow),
     ],
 )
 def test_grad_cam_is_the_class_activation_map_for_flat_and_nested_models(architecture, shape):
@@ -126,6 +126,7 @@ def test_feature_map_of_a_known_filter_equals_the_convolution_by_hand():
     np.testing.assert_allclose(tile, 0.5 + 0.5 * SOBEL / 2)
 
 
+@pytest.mark.slow
 def test_feature_maps_of_a_nested_backbone_are_its_own_blocks():
     keras.utils.set_random_seed(6)
     model = build_model("mobilenet_v3_small", (64, 64, 1), 3)

@@ -59,6 +59,7 @@ def save_reference_cnn(path: Path, input_shape: tuple[int, int, int], classes: i
     return path
 
 
+@pytest.mark.slow
 def test_export_writes_every_format_into_out_dir(exported, trained):
     assert tuple(exported.paths) == FORMATS
     assert exported.paths["keras"] == trained.model_path
@@ -69,6 +70,7 @@ def test_export_writes_every_format_into_out_dir(exported, trained):
     assert (exported.paths["saved_model"] / "saved_model.pb").is_file()
 
 
+@pytest.mark.slow
 def test_every_format_matches_the_keras_model_on_the_test_split(exported):
     report = exported.report
     # A model that had learnt nothing would make the int8 accuracy bound meaningless.
@@ -83,6 +85,7 @@ def test_every_format_matches_the_keras_model_on_the_test_split(exported):
     assert_parity(report)
 
 
+@pytest.mark.slow
 def test_int8_model_is_integer_quantised(exported):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -101,6 +104,7 @@ def test_int8_model_is_integer_quantised(exported):
     assert 3 <= sizes["tflite_float32"] / sizes["tflite_int8"] <= 4.5
 
 
+@pytest.mark.slow
 def test_check_parity_flags_formats_that_give_other_answers(exported, tmp_path):
     other_path = save_reference_cnn(tmp_path / "other.keras", (28, 28, 1), 10, seed=7)
     other = load_runner("keras", other_path)
@@ -127,6 +131,7 @@ def test_check_parity_flags_formats_that_give_other_answers(exported, tmp_path):
     assert "saved_model" not in str(error.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 37])
 def test_runners_accept_any_batch_size(exported, batch_size):
     images = exported.test.images[:batch_size]
@@ -139,6 +144,7 @@ def test_runners_accept_any_batch_size(exported, batch_size):
         np.testing.assert_allclose(probabilities, full_batch, atol=FLOAT_TOLERANCE, err_msg=fmt)
 
 
+@pytest.mark.slow
 def test_runners_reject_images_the_model_does_not_take(exported):
     images = exported.test.images[:2]
     for fmt, runner in exported.runners.items():
@@ -166,6 +172,7 @@ def test_rgb_non_square_model_exports_with_float_parity(tmp_path):
     assert runners["tflite_int8"](images[:3]).shape == (3, 2)
 
 
+@pytest.mark.slow
 def test_export_rejects_calibration_images_of_another_shape(exported, tmp_path):
     wrong = np.zeros((4, 28, 28, 3), dtype=np.uint8)
     with pytest.raises(

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from classifier.model.files import load_model
-from tests.helpers import PROJECT_ROOT, train_command
+from tests.helpers import PROJECT_ROOT, fresh_store, train_command
 
 pytestmark = pytest.mark.slow  # subprocess pipelines, or minutes of training
 
@@ -85,14 +85,14 @@ def uninterrupted(prepared_digits, tmp_path_factory):
     """The weights and history of a run of EPOCHS epochs that nothing interrupted."""
     root = tmp_path_factory.mktemp("uninterrupted")
     params = write_params(root / "params.yaml")
-    train_to_the_end(prepared_digits, root, params, f"sqlite:///{root / 'mlflow.db'}")
+    train_to_the_end(prepared_digits, root, params, fresh_store(root))
     return weights(root / "model.keras"), (root / "history.csv").read_text()
 
 
 def test_sigterm_kills_the_run_cleanly_and_resume_ends_at_the_uninterrupted_result(
     prepared_digits, uninterrupted, tmp_path
 ):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = fresh_store(tmp_path)
     params = write_params(tmp_path / "params.yaml")
     stopped = train_until_checkpoint(prepared_digits, tmp_path, params, store, signal.SIGTERM)
 
@@ -123,7 +123,7 @@ def test_sigterm_kills_the_run_cleanly_and_resume_ends_at_the_uninterrupted_resu
 def test_ctrl_c_kills_the_run_and_resume_refuses_a_checkpoint_of_other_params(
     prepared_digits, tmp_path
 ):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = fresh_store(tmp_path)
     params = write_params(tmp_path / "params.yaml")
     stopped = train_until_checkpoint(prepared_digits, tmp_path, params, store, signal.SIGINT)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_ctrl_c_kills_the_run_and_resume_refuses_a_checkpoint_of_other_params(
 def test_sigkilled_training_run_is_closed_killed_by_the_next_run_which_resumes_it(
     prepared_digits, uninterrupted, tmp_path
 ):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = fresh_store(tmp_path)
     params = write_params(tmp_path / "params.yaml")
     killed = train_until_checkpoint(prepared_digits, tmp_path, params, store, signal.SIGKILL)
 

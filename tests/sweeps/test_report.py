@@ -16,7 +16,7 @@ from classifier.sweeps.resources import Share
 from classifier.sweeps.runner import FAILED, KILLED, Driver
 from classifier.sweeps.spec import load_spec
 from classifier.tracking import parents, runs
-from tests.helpers import PROJECT_ROOT, TEST_EXPERIMENT, sqlite_uri
+from tests.helpers import PROJECT_ROOT, TEST_EXPERIMENT, fresh_store
 
 UI = "http://127.0.0.1:5999"
 
@@ -91,10 +91,10 @@ def test_the_trials_table_holds_the_report_numbers_for_dvc_plots(tmp_path):
 
 @pytest.fixture(scope="module")
 def sweep_runs(tmp_path_factory):
-    """An open parent run in a fresh store (one for the module: a new store takes seconds)."""
+    """An open parent run in a fresh store, one for the module."""
     store = tmp_path_factory.mktemp("sweep-store")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(store))
+        patch.setenv("MLFLOW_TRACKING_URI", fresh_store(store))
         patch.setenv("MLFLOW_EXPERIMENT_NAME", TEST_EXPERIMENT)
         with parents.parent_run("demo", {"sweep.kind": "grid"}) as (parent_id, experiment_id):
             yield parent_id, experiment_id
