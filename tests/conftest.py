@@ -5,6 +5,7 @@ The helpers these use, and that tests import, are in tests/helpers.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,23 @@ import pytest
 
 from tests.helpers import (
     DVC_EXPERIMENT,
+    PROJECT_ROOT,
     TEST_EXPERIMENT,
     TRAIN_EPOCHS,
     TrainedRun,
     fresh_store,
     project_params,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def project_root_untouched() -> Iterator[None]:
+    """Fail the session when a test wrote into the project's own folder (a stage run with
+    its default output paths, say): tests write under their temporary folders only."""
+    before = {path.name for path in PROJECT_ROOT.iterdir()}
+    yield
+    added = {path.name for path in PROJECT_ROOT.iterdir()} - before - {".pytest_cache"}
+    assert not added, f"a test wrote into {PROJECT_ROOT}: {sorted(added)}"
 
 
 @pytest.fixture

@@ -80,11 +80,14 @@ def fresh_store(directory: Path) -> str:
     """
     template = _EMPTY_STORES.get(os.getpid())
     if template is None:
+        import atexit
         import tempfile
 
         import mlflow
 
-        template = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-")) / "mlflow.db"
+        folder = tempfile.mkdtemp(prefix="empty-mlflow-store-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # left in /tmp otherwise
+        template = Path(folder) / "mlflow.db"
         mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
         _EMPTY_STORES[os.getpid()] = template
     directory.mkdir(parents=True, exist_ok=True)

@@ -260,6 +260,10 @@ def test_export_refuses_a_lambda_model_registers_nothing_and_keeps_the_champion(
         "--format-metrics": tmp_path / "formats.json",
         "--out": tmp_path / "registered.json",
         "--decision": tmp_path / "promotion.json",
+        "--serving": tmp_path / "serving",
+        "--serving-metrics": tmp_path / "serving.json",
+        "--serving-plots": tmp_path / "serving-plots",
+        "--card": tmp_path / "model_card.md",
     }
     code = export.main(
         [

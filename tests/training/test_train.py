@@ -116,8 +116,12 @@ def test_diverging_training_fails_the_run_and_saves_no_model(
     assert run_statuses(mlflow_store) == ["FAILED"]
 
 
-def test_train_main_exits_nonzero_on_missing_data_and_opens_no_run(tmp_path, mlflow_store, capsys):
-    code = train.main(["--params", "params.yaml", "--data", str(tmp_path / "nothing")])
+def test_train_main_exits_nonzero_on_missing_data_and_opens_no_run(
+    tmp_path, mlflow_store, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the outputs' default paths: never the project's own
+    params = str(PROJECT_ROOT / "params.yaml")
+    code = train.main(["--params", params, "--data", str(tmp_path / "nothing")])
     assert code == 1
     assert capsys.readouterr().err.strip() == (
         f"train: error: {tmp_path / 'nothing' / 'train' / 'images.npy'}: missing; "
