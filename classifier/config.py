@@ -92,6 +92,8 @@ class TrainParams(_Section):
     label_smoothing: float = Field(ge=0, lt=1)
     # Fit a temperature on the validation split after training and build it into the model.
     calibrate: bool
+    # hflip: the saved model averages each image with its left-right mirror (photos only).
+    tta: Literal["none", "hflip"]
     # Backbones (mobilenet_v3_small, efficientnet_v2_b0): none (random weights), imagenet
     # (Keras's cache), or a .weights.h5 file under pretrained/ (a DVC dependency of train).
     pretrained: str = Field(min_length=1)

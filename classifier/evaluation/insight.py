@@ -15,6 +15,10 @@ per backend, TensorFlow's ``GradientTape``, ``jax.grad`` and torch's autograd.
 
 The pictures are mosaics: each is one image drawn once, with captions, which keeps them
 cheap (a figure with a hundred small axes takes seconds to draw).
+
+A model that averages each image with its mirror (``train.tta: hflip``,
+classifier/model/tta.py) is looked into one view at a time: the pictures show the network
+on the image as it is, through :func:`classifier.model.tta.single_view`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from classifier.data.dataset import ImageSet
 from classifier.model.temperature import LOGITS_LAYER, with_temperature
+from classifier.model.tta import single_view
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ def class_activation_maps(
     model: keras.Model, images: np.ndarray, classes: np.ndarray
 ) -> np.ndarray:
     """Grad-CAM of ``classes[i]`` on ``images[i]`` at the feature map's size, each in 0..1."""
-    scored = with_logits(model)
+    scored = with_logits(single_view(model))
     feature_map = last_feature_map(scored)
     features = keras.Model(scored.inputs[0], feature_map)(images, training=False)
     head = keras.Model(feature_map, scored.get_layer(LOGITS_LAYER).output)
@@ -151,6 +156,7 @@ def feature_map_model(model: keras.Model) -> keras.Model:
     A nested model (a keras.applications backbone) contributes its own blocks, fed what
     the layer before it gives (as classifier/model/architectures.py builds it).
     """
+    model = single_view(model)
     outputs: dict[str, keras.KerasTensor] = {}
     for index, layer in enumerate(model.layers):
         if isinstance(layer, keras.Model) and len(layer.output.shape) == 4:
@@ -171,7 +177,7 @@ def feature_maps(model: keras.Model, images: np.ndarray) -> dict[str, np.ndarray
 
 def first_filters(model: keras.Model) -> tuple[str, np.ndarray]:
     """The first convolution's name and kernel, (height, width, in channels, filters)."""
-    for layer in model.layers:
+    for layer in single_view(model).layers:
         if isinstance(layer, keras.Model):
             try:
                 return first_filters(layer)

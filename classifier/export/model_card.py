@@ -35,7 +35,7 @@ WORST_CLASSES = 3
 TRAINING_PARAMS = (
     "train.architecture", "train.epochs", "train.batch_size", "train.learning_rate",
     "train.schedule", "train.augment", "train.weight_decay", "train.label_smoothing",
-    "train.precision", "train.seed", "train.calibrate", "train.pretrained",
+    "train.precision", "train.seed", "train.calibrate", "train.tta", "train.pretrained",
     "train.fine_tune_layers", "train.fine_tune_epochs",
 )  # fmt: skip
 DATA_PARAMS = (

@@ -31,6 +31,7 @@ import pandas as pd
 from classifier.config import Params, TrainParams
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_splits
 from classifier.model.architectures import build_model
+from classifier.model.tta import with_flip_average
 from classifier.tracking import runs
 from classifier.training import distributed, transfer
 from classifier.training.augment import augment_epoch
@@ -326,6 +327,8 @@ class Trainer:
         epoch_logger.finish()
         train = self.splits["train"]
         model = float32_model(self.model, cfg, train.image_shape, len(train.class_names))
+        if cfg.tta == "hflip":
+            model = with_flip_average(model)  # before the temperature: fitted on both views
         temperature = 1.0
         if cfg.calibrate:
             model, temperature = calibrate(model, self.splits["val"])

@@ -228,6 +228,31 @@ def test_int8_fails_only_when_its_drop_exceeds_the_bound_and_is_real(wrong, pass
 
 
 @pytest.mark.slow
+def test_a_flip_averaging_model_exports_with_float_parity(tmp_path):
+    """train.tta: hflip: the network runs twice (the image and its mirror) inside one model;
+    every float format averages the same two views, so gives the same answers."""
+    import keras
+
+    from classifier.model.architectures import build_model
+    from classifier.model.temperature import with_temperature
+    from classifier.model.tta import with_flip_average
+
+    keras.utils.set_random_seed(0)
+    model = with_temperature(with_flip_average(build_model("photo_resnet", (32, 32, 3), 2)), 1.3)
+    model_path = tmp_path / "flip.keras"
+    model.save(model_path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    paths = export_formats(model_path, images[:16], tmp_path / "formats")
+    runners = {fmt: load_runner(fmt, path) for fmt, path in paths.items()}
+    report = check_parity(runners["keras"](images), runners, images, rng.integers(0, 2, 24), 8)
+    for fmt in FLOAT_FORMATS:
+        assert report[fmt]["max_abs_diff"] <= FLOAT_TOLERANCE, (fmt, report[fmt])
+        mirrored = np.ascontiguousarray(images[:, :, ::-1])
+        np.testing.assert_allclose(runners[fmt](mirrored), runners[fmt](images), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_backbone_with_a_temperature_exports_with_float_parity(tmp_path):
     """A transfer-learning model (a nested keras.applications network, its own
     preprocessing inside) and a calibrated head: every float format gives its answers."""

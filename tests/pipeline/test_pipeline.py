@@ -19,6 +19,7 @@ import yaml
 
 from classifier.data.dataset import read_image_set
 from classifier.model.files import load_model
+from classifier.model.tta import has_flip_average
 from classifier.serving.pyfunc import probabilities_of
 from tests.helpers import (
     PROJECT_ROOT,
@@ -279,6 +280,7 @@ def test_the_readmes_photo_example_runs_as_written_to_a_registered_model(tmp_pat
     assert json.loads((repo / "metrics/data.json").read_text())["skipped_files"] == 3
     model = load_model(str(repo / "models/model.keras"))
     assert model.name == "photo_resnet" and model.output_shape == (None, 2)
+    assert has_flip_average(model)  # the recipe's train.tta=hflip
     record = json.loads((repo / "lineage/registered_model.json").read_text())
     assert (record["name"], record["version"]) == ("pets-cnn", 1)
     version = client(repo).get_model_version("pets-cnn", "1")

@@ -14,7 +14,10 @@ import yaml
 from classifier.data.dataset import read_image_set
 from classifier.errors import TrainingDiverged
 from classifier.model.files import load_model
+from classifier.model.temperature import logits_of
+from classifier.model.tta import has_flip_average
 from classifier.training import augment, callbacks, loop, precision
+from classifier.training.calibration import fit_temperature
 from stages import train
 from tests.helpers import DVC_EXPERIMENT, PROJECT_ROOT, TRAIN_EPOCHS, project_params
 
@@ -90,6 +93,27 @@ def train_two_epochs(data_dir, out_dir):
         data_dir=data_dir,
         outputs=train.TrainOutputs.under(out_dir),
     )
+
+
+@pytest.mark.slow
+def test_tta_hflip_saves_a_model_that_averages_each_image_with_its_mirror(
+    prepared_digits, tmp_path, mlflow_store
+):
+    params = project_params(train={"epochs": 1, "tta": "hflip"})
+    result = train.run(params, data_dir=prepared_digits, outputs=train.TrainOutputs.under(tmp_path))
+    model = load_model(str(tmp_path / "model.keras"))
+    assert has_flip_average(model)
+    test = read_image_set(prepared_digits / "test").images
+    mirrored = np.ascontiguousarray(test[:, :, ::-1])
+    np.testing.assert_allclose(
+        model.predict(test, verbose=0), model.predict(mirrored, verbose=0), atol=1e-6
+    )
+    # The temperature is fitted to the two views' averaged logits, the ones it divides.
+    val = read_image_set(prepared_digits / "val")
+    fitted = fit_temperature(logits_of(model, val.images), val.labels)
+    assert result.temperature == pytest.approx(fitted, rel=1e-3)
+    logged = mlflow.MlflowClient(tracking_uri=mlflow_store).get_run(result.run_id)
+    assert logged.data.params["train.tta"] == "hflip"
 
 
 def nan_model(input_shape, num_classes):
