@@ -17,6 +17,7 @@ from classifier.data.dataset import ImageSet, read_image_set, write_image_set
 from classifier.export.formats import ExportError, export_formats, load_runner
 from classifier.export.formats import representative_images as calibration_images
 from classifier.model.files import load_model
+from classifier.model.tta import single_view
 from classifier.processes import ProcessGroup
 from tests.helpers import PROJECT_ROOT, STAGES, make_image_folder, run_ok, write_idx_files
 
@@ -235,18 +236,26 @@ def test_photos_benchmark_runs_the_recipe_and_reports_what_evaluate_measured(
     make_image_folder(folder, per_class=14, broken=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # the benchmark points it at its own store
     argv = ["--data", str(folder), "--sizes", "16", "--epochs", "1", "-S", "train.batch_size=8",
-            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+            "--seeds", "5", "--work-dir", str(tmp_path / "work")]  # fmt: skip
     assert photos.main(argv) == 0
 
     (reported,) = result(results, "photos")["results"]
     assert (reported["architecture"], reported["size"]) == ("photo_resnet", 16)
     assert reported["settings"]["train.augment"] == "photo"  # the recipe, with the overrides
     assert reported["settings"]["train.epochs"] == 1
-    evaluated = json.loads((tmp_path / "work" / "photo_resnet-16" / "evaluate.json").read_text())
+    assert reported["settings"]["train.seed"] == reported["seed"] == 5
+    run_dir = tmp_path / "work" / "photo_resnet-16-seed5"
+    evaluated = json.loads((run_dir / "evaluate.json").read_text())
     for key in ("accuracy", "ece", "ece_uncalibrated", "temperature"):
         assert reported[key] == evaluated[key]
-    test = read_image_set(tmp_path / "work" / "photo_resnet-16" / "prepared" / "test")
+    test = read_image_set(run_dir / "prepared" / "test")
     assert reported["test_images"] == len(test.labels)
+    # The recipe averages each photo with its mirror; the same weights on the photo alone:
+    model = load_model(str(run_dir / "model" / "model.keras"))
+    single = single_view(model).predict(test.images, verbose=0).argmax(axis=1) == test.labels
+    assert reported["single_view_accuracy"] == single.mean()
+    gained = reported["only_flip_average_right"] - reported["only_single_view_right"]
+    assert reported["accuracy"] - single.mean() == pytest.approx(gained / len(test.labels))
     low, high = reported["accuracy_ci95"]
     assert 0 <= low <= reported["accuracy"] <= high <= 1 and high - low > 0.2  # a few photos
     minutes = reported["seconds"]["train"] / 60
@@ -255,7 +264,25 @@ def test_photos_benchmark_runs_the_recipe_and_reports_what_evaluate_measured(
     assert reported["augment_slowdown"] == pytest.approx(
         reported["augment_seconds_per_epoch"] / (epoch - reported["augment_seconds_per_epoch"])
     )
-    assert "| photo_resnet | 16x16 | 1 |" in capsys.readouterr().out
+    assert "| photo_resnet | 16x16 | 1 | 5 |" in capsys.readouterr().out
+
+
+def test_photos_table_gives_each_seed_a_row_and_their_mean():
+    def run(seed: int, accuracy: float, single: float | None) -> dict:
+        figures = {"single_view_accuracy": single, "only_flip_average_right": 3,
+                   "only_single_view_right": 1} if single is not None else {}  # fmt: skip
+        return {"architecture": "photo_resnet", "size": 64, "settings": {"train.epochs": 60},
+                "seed": seed, "accuracy": accuracy, "accuracy_ci95": [0.8, 0.9], "ece": 0.04,
+                "ece_uncalibrated": 0.05, "train_minutes": 10.0, "accuracy_per_minute": 0.08,
+                "augment_slowdown": 0.05, **figures}  # fmt: skip
+
+    table = photos.results_table([run(42, 0.86, 0.83), run(1, 0.84, 0.82)]).splitlines()
+    assert len(table) == 5  # header, rule, two runs, their mean
+    assert table[2].startswith("| photo_resnet | 64x64 | 60 | 42 | 0.8600 (0.800-0.900) |")
+    assert "| 0.8300 (3 / 1) | 0.0400 (0.0500) | 10.0 |" in table[2]
+    assert table[4].startswith("| mean |  |  |  | 0.8500 | 0.8250 | 0.0400 | 10.0 |")
+    without = photos.results_table([run(42, 0.86, None)]).splitlines()
+    assert len(without) == 3 and "| no flip average |" in without[2]
 
 
 @pytest.mark.slow
