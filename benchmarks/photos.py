@@ -43,6 +43,7 @@ RECIPE = {
     "preprocess.channels": 3,
     "preprocess.resize": "pad",
     "preprocess.max_skipped_fraction": 0.05,
+    "preprocess.near_duplicate_distance": 4,
     "train.architecture": "photo_resnet",
     "train.augment": "photo",
     "train.epochs": 60,

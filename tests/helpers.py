@@ -11,8 +11,10 @@ import contextlib
 import ctypes
 import hashlib
 import importlib.util
+import itertools
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -62,6 +64,24 @@ def project_params(**overrides: dict[str, Any]) -> Params:
     for section, values in overrides.items():
         raw[section].update(values)
     return parse_params(raw, "params.yaml (test overrides)")
+
+
+def readme_photo_example() -> list[str]:
+    """The `dvc exp run` command of README.md's photo example, as its arguments."""
+    text = (PROJECT_ROOT / "README.md").read_text()
+    block = text.split("<!-- photo-example")[1].split("```bash\n")[1].split("```")[0]
+    return shlex.split(block.replace("\\\n", " "))
+
+
+def readme_photo_settings() -> dict[str, object]:
+    """The ``section.key: value`` settings (``-S``) of README.md's photo example."""
+    command = readme_photo_example()
+    return {
+        key: yaml.safe_load(value)
+        for flag, setting in itertools.pairwise(command)
+        if flag == "-S"
+        for key, _, value in [setting.partition("=")]
+    }
 
 
 def sqlite_uri(directory: Path) -> str:

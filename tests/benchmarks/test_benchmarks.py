@@ -19,7 +19,14 @@ from classifier.export.formats import representative_images as calibration_image
 from classifier.model.files import load_model
 from classifier.model.tta import single_view
 from classifier.processes import ProcessGroup
-from tests.helpers import PROJECT_ROOT, STAGES, make_image_folder, run_ok, write_idx_files
+from tests.helpers import (
+    PROJECT_ROOT,
+    STAGES,
+    make_image_folder,
+    readme_photo_settings,
+    run_ok,
+    write_idx_files,
+)
 
 LEVERS = {
     "onnx_tuned": "onnx",
@@ -265,6 +272,18 @@ def test_photos_benchmark_runs_the_recipe_and_reports_what_evaluate_measured(
         reported["augment_seconds_per_epoch"] / (epoch - reported["augment_seconds_per_epoch"])
     )
     assert "| photo_resnet | 16x16 | 1 | 5 |" in capsys.readouterr().out
+
+
+def test_photos_benchmark_trains_the_readmes_recipe():
+    """Every setting of README.md's photo example but the data, the size (the benchmark's
+    --sizes) and the registered name is in the benchmark's recipe, with the same value."""
+    readme = readme_photo_settings()
+    for key in ("data.source", "data.path", "preprocess.image_height", "preprocess.image_width",
+                "export.model_name"):  # fmt: skip
+        readme.pop(key)
+    recipe = {key: value for key, value in photos.RECIPE.items() if key in readme}
+    assert recipe == readme
+    assert readme["preprocess.near_duplicate_distance"] == 4  # the one it once lacked
 
 
 def test_photos_table_gives_each_seed_a_row_and_their_mean():

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -22,13 +21,13 @@ from classifier.model.files import load_model
 from classifier.model.tta import has_flip_average
 from classifier.serving.pyfunc import probabilities_of
 from tests.helpers import (
-    PROJECT_ROOT,
     STAGES,
     clone_repo,
     copy_project,
     init_git,
     lock_outputs,
     make_image_folder,
+    readme_photo_example,
     run_in,
     run_ok,
     set_params,
@@ -249,13 +248,6 @@ def test_exp_run_shows_in_exp_show_names_its_run_and_reproduces_the_first_bit_fo
     registered = json.loads(dvc.api.read("lineage/registered_model.json", repo=str(clone), rev=rev))
     version = client(clone).get_model_version("digits-cnn", str(registered["version"]))
     assert version.run_id == tracked.info.run_id
-
-
-def readme_photo_example() -> list[str]:
-    """The `dvc exp run` command of README.md's photo example, as its arguments."""
-    text = (PROJECT_ROOT / "README.md").read_text()
-    block = text.split("<!-- photo-example")[1].split("```bash\n")[1].split("```")[0]
-    return shlex.split(block.replace("\\\n", " "))
 
 
 def test_the_readmes_photo_example_runs_as_written_to_a_registered_model(tmp_path_factory):
