@@ -146,6 +146,40 @@ def statuses(root: Path) -> dict[str, str]:
     return found
 
 
+def without_process(root: Path, names: Iterable[str]) -> set[str]:
+    """Those of ``names``, experiments DVC calls Running, that have no live process.
+
+    A worker takes a trial from the queue before it starts the trial's process. DVC's idle
+    workers stop on their own, and one that stops just as a trial arrives takes it and never
+    runs it (seen in a search: "monitor: shutting down due to empty queue", then the trial
+    Running for ever with no worker left). A worker killed mid-trial leaves the same. Such a
+    trial has no process, or only one that has ended; a trial being set up or collected has
+    none for a few seconds too, so callers wait before they conclude.
+    """
+    from dvc.repo import Repo
+
+    wanted = set(names)
+    found: set[str] = set()
+    with Repo(str(root)) as repo:
+        celery = repo.experiments.celery_queue
+        for entry in celery.iter_active():
+            if entry.name in wanted:
+                process = celery.proc.get(entry.stash_rev)
+                if process is None or process.returncode is not None or not _alive(process.pid):
+                    found.add(entry.name)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds the number
+        return False
+    return True
+
+
 def experiment_names(root: Path) -> set[str]:
     """The names of the experiments DVC holds (finished ones, whatever their baseline)."""
     from dvc.repo import Repo
@@ -223,19 +257,26 @@ def head(root: Path) -> str:
     return done.stdout.strip()
 
 
-def stop(root: Path, running: Iterable[str], queued: Iterable[str]) -> None:
-    """Interrupt ``running`` experiments (their stages see Ctrl-C) and drop ``queued`` ones."""
+def stop(root: Path, running: Iterable[str], queued: Iterable[str]) -> bool:
+    """Interrupt ``running`` experiments (their stages see Ctrl-C) and drop ``queued`` ones.
+
+    An experiment DVC calls Running with no process ends Failed. False if DVC refused to
+    stop any of ``running`` (one finished meanwhile, or a worker does run it).
+    """
+    stopped = True
     for name in running:
         try:
             dvc(root, "queue", "kill", name)
-        except QueueError as error:  # it finished meanwhile
+        except QueueError as error:
             log.info("%s", error)
+            stopped = False
     queued = list(queued)
     if queued:
         try:
             dvc(root, "queue", "remove", *queued)
         except QueueError as error:
             log.info("%s", error)
+    return stopped
 
 
 def failure(root: Path, name: str) -> str:

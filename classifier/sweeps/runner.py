@@ -9,7 +9,8 @@ it, the figures and the best trial to the parent run.
 
 Ctrl-C (or SIGTERM) stops the trials the sweep started (``dvc queue kill``: their runs
 end KILLED) and drops the queued ones; running the same command again resumes. After a
-crash the trials go on in DVC's workers and a resumed sweep picks up their results.
+crash the trials go on in DVC's workers and a resumed sweep picks up their results. A
+trial DVC's worker lost (Running, with no process) is stopped and asked for again.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ COMPLETE, FAILED, KILLED = "COMPLETE", "FAILED", "KILLED"
 # A trial the sweep queued that DVC no longer knows (`dvc queue remove`), for this long.
 REMOVED = "Removed"
 MISSING_S = 15.0
+# A trial DVC calls Running with no process for this long was lost by DVC's worker (see
+# queue.without_process): the sweep stops it (`dvc queue kill`) and asks for it again.
+LOST_S = 60.0
+LOST_CHECK_S = 15.0
+LOST_ERROR = "DVC's worker took it from the queue and stopped without running it; run again"
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,9 @@ class Driver:
     in_flight: dict[int, Any] = field(default_factory=dict)  # trial number -> optuna Trial
     workers_started: float = 0.0
     missing_since: dict[int, float] = field(default_factory=dict)
+    lost_since: dict[int, float] = field(default_factory=dict)
+    lost: set[int] = field(default_factory=set)  # stopped in DVC; to be asked for again
+    lost_checked: float = 0.0
 
     def name(self, number: int) -> str:
         return study.trial_name(self.spec, number)
@@ -157,10 +166,31 @@ class Driver:
     def keep_workers(self, states: dict[str, str]) -> None:
         """Start DVC's workers again if trials wait while workers are missing."""
         ours = [states.get(self.name(number)) for number in self.in_flight]
-        running = sum(state == queue.RUNNING for state in states.values())
+        running = sum(state == queue.RUNNING for state in ours)
         waiting = queue.QUEUED in ours and running < self.spec.workers
         if waiting and time.monotonic() - self.workers_started > RESTART_WORKERS_S:
             self.start_workers()
+
+    def find_lost(self, states: dict[str, str]) -> None:
+        """Stop trials DVC has called Running, with no process, for LOST_S: DVC then calls
+        them Failed, and ``collect`` asks for each again under a new name."""
+        now = time.monotonic()
+        running = {
+            self.name(n): n for n in self.in_flight if states.get(self.name(n)) == queue.RUNNING
+        }
+        if not running or now - self.lost_checked < LOST_CHECK_S:
+            return
+        self.lost_checked = now
+        lost = queue.without_process(self.root, running)
+        for name, number in running.items():
+            if name not in lost:
+                self.lost_since.pop(number, None)
+            elif now - self.lost_since.setdefault(number, now) >= LOST_S:
+                log.warning("%s: DVC shows it Running, but no process runs it; stopping it", name)
+                # DVC marks it Failed, unless a worker does run it after all (an error).
+                if queue.stop(self.root, [name], []):
+                    self.lost.add(number)
+                self.lost_since.pop(number, None)
 
     def collect(self, done: dict[int, str]) -> None:
         """Record trials DVC finished: their metric or failure, in the study and MLflow."""
@@ -176,6 +206,11 @@ class Driver:
         for number, dvc_state in done.items():
             trial = self.in_flight.pop(number)
             name = self.name(number)
+            if number in self.lost:
+                self.lost.discard(number)
+                log.warning("%s: %s", name, LOST_ERROR)
+                self.ask_again(trial, None, LOST_ERROR)
+                continue
             child = children.get(name)
             value, error = None, ""
             if dvc_state == queue.SUCCESS:
@@ -269,7 +304,20 @@ class Driver:
                     self.collect(done)
                     bar.n = study.counted(self.study)
                     bar.refresh()
+                self.find_lost(states)
                 self.keep_workers(states)
+
+    def ask_again(self, trial: Any, run_id: str | None, error: str = "") -> None:
+        """Record ``trial`` as KILLED, outside the budget, and ask for its params again
+        first: in this sweep (a lost trial) or when it resumes (after Ctrl-C)."""
+        trial.set_user_attr(study.ATTR_STATE, KILLED)
+        trial.set_user_attr(study.ATTR_RUN, run_id or "")
+        trial.set_user_attr(study.ATTR_INTERRUPTED, True)
+        if error:
+            trial.set_user_attr(study.ATTR_ERROR, error)
+        self.study.tell(trial, state=_fail())
+        self.study.enqueue_trial(trial.params)
+        trial_file(self.root, self.name(trial.number)).unlink(missing_ok=True)
 
     def stop(self) -> None:
         """After Ctrl-C: stop this sweep's trials; a resumed sweep runs them again.
@@ -310,12 +358,7 @@ class Driver:
                 parents.tag_run(child.info.run_id, {parents.TAG_STATE: KILLED})
                 if child.info.status != KILLED:  # training finished; evaluate was stopped
                     parents.end_trial_run(child.info.run_id, KILLED)
-            trial.set_user_attr(study.ATTR_STATE, KILLED)
-            trial.set_user_attr(study.ATTR_RUN, child.info.run_id if child else "")
-            trial.set_user_attr(study.ATTR_INTERRUPTED, True)
-            self.study.tell(trial, state=_fail())
-            self.study.enqueue_trial(trial.params)  # run again first when the sweep resumes
-            trial_file(self.root, name).unlink(missing_ok=True)
+            self.ask_again(trial, child.info.run_id if child else None)
         self.in_flight.clear()
         log.warning(
             "sweep %s stopped: %d trials interrupted; run the same command to resume",
