@@ -410,6 +410,38 @@ def init_git(repo: Path) -> None:
     run_ok(repo, "git", "commit", "-qm", "project")
 
 
+# A pipeline of one stage that needs no TensorFlow, for tests of DVC's queue: its "train"
+# writes the learning rate as its metric (and under a nested key, and a NaN beside it).
+# float(): PyYAML reads a 1e-05 that `dvc exp run -S` writes as a string (YAML 1.1).
+ONE_STAGE = (
+    "python -c \"import json, yaml; lr = float(yaml.safe_load(open('params.yaml'))['train']"
+    "['learning_rate']); json.dump({'val_accuracy': lr, 'per': {'x': lr}, 'bad': float('nan')}, "
+    "open('metrics/train.json', 'w'))\""
+)
+
+
+def one_stage_project(repo: Path) -> Path:
+    """A git and DVC repository at ``repo``: the project's params.yaml and a dvc.yaml whose
+    one stage, train, writes metrics/train.json in a blink (see ONE_STAGE)."""
+    dvc_yaml = {
+        "stages": {
+            "train": {
+                "cmd": ONE_STAGE,
+                "params": ["train.learning_rate"],
+                "metrics": [{"metrics/train.json": {"cache": False}}],
+            }
+        }
+    }
+    (repo / "metrics").mkdir(parents=True)
+    (repo / "metrics" / ".gitkeep").touch()
+    shutil.copy2(PROJECT_ROOT / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    run_ok(repo, "git", "init", "-q")
+    run_ok(repo, "dvc", "init", "-q")
+    init_git(repo)
+    return repo
+
+
 # --- Files for the data tests: IDX, archives, a scripted HTTP server ----------------------
 
 

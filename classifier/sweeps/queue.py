@@ -1,11 +1,12 @@
 """The DVC side of a sweep: each trial is a queued DVC experiment, run by DVC's workers.
 
-Queueing, starting workers, killing and reading results use DVC's own commands, as a
-person would type them (``dvc exp run --queue -n NAME -S ...``, ``dvc queue start -j N``,
-``dvc exp show --json``), so every trial is an experiment like any other: it shows in
-``dvc exp show`` and ``dvc exp apply`` applies it. Only the frequent "which trials are
-done?" check reads the queue's status through DVC's Python API, which answers in
-milliseconds where a ``dvc`` process takes a second of CPU from the trials.
+Queueing, starting workers and killing use DVC's own commands, as a person would type them
+(``dvc exp run --queue -n NAME -S ...``, ``dvc queue start -j N``, ``dvc queue kill``), so
+every trial is an experiment like any other: it shows in ``dvc exp show`` and ``dvc exp
+apply`` applies it. The frequent reads go through DVC's Python API, which answers in a
+tenth of a second where a ``dvc`` process takes a second or more of CPU from the trials:
+which trials are done (the queue's status), and a finished trial's metric (its metrics
+file at its commit).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from classifier.cli import RUN_INFO
 from classifier.errors import StageError
@@ -32,12 +33,6 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, SUCCESS, FAILED = "Queued", "Running", "Success", "Failed"
 DONE = (SUCCESS, FAILED)
 DVC_TIMEOUT_S = 600
-SHOW_ATTEMPTS = 4
-# `dvc exp show` reads the running experiments' temporary git copies. When a worker removes
-# one mid-read, pygit2's BlobIO can wait forever for a reader thread that has died (seen in
-# a full test run: 10 minutes in Event.wait, one thread left). A normal answer takes
-# seconds, so a show that is not back in this time is killed and asked again.
-SHOW_TIMEOUT_S = 120
 
 
 class QueueError(StageError):
@@ -189,50 +184,31 @@ def experiment_names(root: Path) -> set[str]:
     return {name for entries in listed.values() for name, _ in entries if name}
 
 
-@dataclass(frozen=True)
-class Finished:
-    """A finished experiment's params and metrics, as ``dvc exp show --json`` gives them."""
+def metric(root: Path, name: str, file: str, key: str) -> float | None:
+    """The value of ``key`` (dotted for nested keys) in metrics file ``file`` of finished
+    experiment ``name``, read at its commit; None if there is no finite number there.
 
-    name: str
-    params: dict[str, Any]
-    metrics: dict[str, Any]
+    ``dvc.api.read`` of one file at the experiment's commit costs a tenth of a second of
+    CPU, where ``dvc exp show`` reads every experiment (5 s of CPU with a dozen, and more
+    with each) and fails while DVC shows a lost trial Running (see ``without_process``).
+    """
+    import dvc.api
+    from dvc.exceptions import DvcException
 
-    def metric(self, file: str, key: str) -> float | None:
-        """The value of ``key`` (dotted for nested keys) in metrics file ``file``."""
-        value: Any = (self.metrics.get(file) or {}).get("data") or {}
-        for part in key.split("."):
-            if not isinstance(value, dict) or part not in value:
-                return None
-            value = value[part]
-        if isinstance(value, bool) or not isinstance(value, int | float):
+    try:
+        text = dvc.api.read(file, repo=str(root), rev=name)
+        # JSON as JSON: YAML 1.1 reads 1e-05 as a string.
+        value: Any = json.loads(text) if file.endswith(".json") else yaml.safe_load(text)
+    except (DvcException, OSError, ValueError, yaml.YAMLError) as error:
+        log.info("%s: no %s: %s", name, file, error)
+        return None
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
             return None
-        return float(value) if math.isfinite(value) else None
-
-
-def show(root: Path, baselines: Iterable[str]) -> dict[str, Finished]:
-    """Every experiment on ``baselines`` (git commits) with its params and metrics, by name."""
-    revs = [arg for rev in sorted(set(baselines)) for arg in ("--rev", rev)]
-    for attempt in range(SHOW_ATTEMPTS):
-        try:
-            shown = dvc(root, "exp", "show", "--json", *revs, timeout=SHOW_TIMEOUT_S)
-            rows = json.loads(shown or "[]")
-            break
-        except QueueError:
-            # `dvc exp show` also reads the running experiments' temporary copies, and
-            # fails, or hangs (SHOW_TIMEOUT_S), if one is removed while it looks: ask again.
-            if attempt == SHOW_ATTEMPTS - 1:
-                raise
-            time.sleep(1 + attempt)
-    found: dict[str, Finished] = {}
-    for baseline in rows:
-        for experiment in baseline.get("experiments") or []:
-            for rev in experiment.get("revs") or []:
-                data = rev.get("data") or {}
-                name = rev.get("name") or experiment.get("name")
-                if name:
-                    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-                    found[name] = Finished(name, params or {}, data.get("metrics") or {})
-    return found
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def train_run_id(root: Path, name: str) -> str | None:

@@ -3,7 +3,7 @@
 One loop for a grid and a search. It keeps the DVC queue fed (a grid: two trials per
 worker; a search: one per worker, each asked of Optuna when a result comes back),
 starts DVC's workers (``dvc queue start -j N``), and as each trial ends reads its metric
-from ``dvc exp show``, tells the study, and tags the trial's MLflow run. The sweep's own
+from its experiment's commit, tells the study, and tags the trial's MLflow run. The sweep's own
 MLflow run is the parent of every trial's run. At the end it writes the report and logs
 it, the figures and the best trial to the parent run.
 
@@ -194,14 +194,6 @@ class Driver:
 
     def collect(self, done: dict[int, str]) -> None:
         """Record trials DVC finished: their metric or failure, in the study and MLflow."""
-        baselines = {
-            self.in_flight[n].user_attrs.get(study.ATTR_BASELINE, self.baseline) for n in done
-        }
-        try:
-            shown = queue.show(self.root, baselines) if queue.SUCCESS in done.values() else {}
-        except queue.QueueError as error:  # the trials stay in flight: read them next time
-            log.warning("could not read the finished trials yet: %s", error)
-            return
         children = parents.children(self.experiment_id, self.parent_id)
         for number, dvc_state in done.items():
             trial = self.in_flight.pop(number)
@@ -214,10 +206,9 @@ class Driver:
             child = children.get(name)
             value, error = None, ""
             if dvc_state == queue.SUCCESS:
-                finished = shown.get(name)
-                value = finished and finished.metric(self.spec.metric_file, self.spec.metric_key)
+                value = queue.metric(self.root, name, self.spec.metric_file, self.spec.metric_key)
                 if value is None:
-                    error = f"no finite {self.spec.metric} in `dvc exp show` for {name}"
+                    error = f"no finite {self.spec.metric_key} in {self.spec.metric_file} of {name}"
             elif dvc_state == REMOVED:
                 error = "removed from DVC's queue before it ran"
             else:

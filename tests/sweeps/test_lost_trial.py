@@ -11,7 +11,6 @@ that needs no TensorFlow.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 from pathlib import Path
 
@@ -19,24 +18,10 @@ import pytest
 import yaml
 
 from classifier.sweeps import queue, runner
-from tests.helpers import PROJECT_ROOT, fresh_store, init_git, run_ok, user_env
+from tests.helpers import fresh_store, one_stage_project, run_ok, user_env
 
 pytestmark = pytest.mark.slow
 
-# The trial's metric is its learning rate: no training, so the test is about the queue.
-STAGE = (
-    "python -c \"import json, yaml; p = yaml.safe_load(open('params.yaml')); "
-    "json.dump({'val_accuracy': p['train']['learning_rate']}, open('metrics/train.json', 'w'))\""
-)
-DVC_YAML = {
-    "stages": {
-        "train": {
-            "cmd": STAGE,
-            "params": ["train.learning_rate"],
-            "metrics": [{"metrics/train.json": {"cache": False}}],
-        }
-    }
-}
 GRID = {
     "metric": "metrics/train.json:val_accuracy",
     "direction": "maximize",
@@ -58,16 +43,9 @@ def _hung(signum, frame):
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    repo = tmp_path / "project"
-    (repo / "metrics").mkdir(parents=True)
+    repo = one_stage_project(tmp_path / "project")
     (repo / "sweeps").mkdir()
-    shutil.copy2(PROJECT_ROOT / "params.yaml", repo / "params.yaml")
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
     (repo / "sweeps" / "grid.yaml").write_text(yaml.safe_dump(GRID, sort_keys=False))
-    (repo / "metrics" / ".gitkeep").touch()
-    run_ok(repo.parent, "git", "init", "-q", str(repo))
-    run_ok(repo, "dvc", "init", "-q")
-    init_git(repo)
     for key, value in user_env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)

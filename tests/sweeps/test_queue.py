@@ -1,14 +1,14 @@
-"""The sweep's DVC calls: a DVC command that does not answer is stopped, and a show retried."""
+"""The sweep's DVC calls: a DVC command that does not answer is stopped; a finished trial's
+metric is read at its experiment's commit."""
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
 
 from classifier.sweeps import queue
+from tests.helpers import one_stage_project, run_ok
 
 
 def test_a_dvc_command_that_does_not_answer_in_time_is_stopped_with_one_error(tmp_path):
@@ -16,42 +16,21 @@ def test_a_dvc_command_that_does_not_answer_in_time_is_stopped_with_one_error(tm
     started = time.monotonic()
     with pytest.raises(queue.QueueError, match=r"^dvc version: no answer within 0\.001 s"):
         queue.dvc(tmp_path, "version", timeout=0.001)
-    assert time.monotonic() - started < queue.SHOW_TIMEOUT_S
+    assert time.monotonic() - started < queue.DVC_TIMEOUT_S
 
 
-def test_show_asks_again_after_a_show_that_hung(tmp_path: Path, monkeypatch):
-    """The hang seen in a full test run (pygit2 waiting forever on a removed temporary copy)
-    ends as a timeout; the next `dvc exp show` answers."""
-    rows = [
-        {
-            "rev": "abc",
-            "experiments": [
-                {
-                    "revs": [
-                        {
-                            "name": "trial-1",
-                            "data": {
-                                "params": {"params.yaml": {"data": {"train": {"epochs": 1}}}},
-                                "metrics": {"metrics/train.json": {"data": {"val_loss": 0.5}}},
-                            },
-                        }
-                    ]
-                }
-            ],
-        }
-    ]
-    calls = []
-
-    def dvc(root, *args, extra_env=None, timeout=queue.DVC_TIMEOUT_S):
-        calls.append((args, timeout))
-        if len(calls) == 1:
-            raise queue.QueueError(f"dvc exp show --json: no answer within {timeout:g} s")
-        return json.dumps(rows)
-
-    monkeypatch.setattr(queue, "dvc", dvc)
-    monkeypatch.setattr(queue.time, "sleep", lambda seconds: None)
-    found = queue.show(tmp_path, ["abc"])
-    assert [timeout for _, timeout in calls] == [queue.SHOW_TIMEOUT_S] * 2
-    assert calls[0][0] == ("exp", "show", "--json", "--rev", "abc")
-    assert found["trial-1"].metric("metrics/train.json", "val_loss") == 0.5
-    assert found["trial-1"].params == {"train": {"epochs": 1}}
+@pytest.mark.slow
+def test_a_finished_trials_metric_is_read_at_its_experiments_commit(tmp_path):
+    """Read from the experiment's commit, not the workspace; a number in exponent notation
+    (which YAML 1.1 would read as a string), a nested key; no number is None."""
+    repo = one_stage_project(tmp_path / "project")
+    run_ok(repo, "dvc", "exp", "run", "-n", "tiny-1", "-S", "train.learning_rate=1e-05")
+    run_ok(repo, "dvc", "exp", "run", "-n", "tiny-2", "-S", "train.learning_rate=0.25")
+    # The workspace now holds tiny-2's metrics: tiny-1's come from its commit.
+    assert queue.metric(repo, "tiny-1", "metrics/train.json", "val_accuracy") == 1e-05
+    assert queue.metric(repo, "tiny-2", "metrics/train.json", "val_accuracy") == 0.25
+    assert queue.metric(repo, "tiny-1", "metrics/train.json", "per.x") == 1e-05
+    assert queue.metric(repo, "tiny-1", "metrics/train.json", "bad") is None  # NaN
+    assert queue.metric(repo, "tiny-1", "metrics/train.json", "per.y") is None
+    assert queue.metric(repo, "tiny-1", "metrics/nothing.json", "val_accuracy") is None
+    assert queue.metric(repo, "tiny-3", "metrics/train.json", "val_accuracy") is None
