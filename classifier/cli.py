@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NoReturn
 
 from classifier.errors import StageError
 from classifier.workspace import exclusive_stage
@@ -104,3 +106,18 @@ def run_stage(name: str, body: Callable[[], object], params: Path | None = None)
             signal.signal(signum, handler)
         _received.clear()
     return 0
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with exit ``code``: the last call of a stage's or tool's ``__main__``.
+
+    At exit, Python's cycle collector walks every object once more: after TensorFlow, Keras
+    and MLflow are imported, millions of them. By then the stage has written and closed its
+    outputs and ended its MLflow run, so ``gc.freeze()`` takes those objects out of the
+    collector's sight; exit handlers and the freeing of modules run as usual. Measured on 2
+    cores, three runs each: ``python -m stages.evaluate`` used 20.6 CPU-seconds without it
+    and 17.6 with it. Never call this from code that goes on running (a test that calls
+    ``main()``, say): what it freezes is never collected.
+    """
+    gc.freeze()
+    raise SystemExit(code)

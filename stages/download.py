@@ -9,7 +9,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from classifier.cli import run_stage, stage_parser
+from classifier.cli import exit_process, run_stage, stage_parser
 from classifier.config import DataParams, load_params
 from classifier.data.sources import fetch_source
 
@@ -35,4 +35,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from classifier.atomic import atomic_path, write_json
-from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
+from classifier.cli import MODEL, PREPARED, RUN_INFO, exit_process, run_stage, stage_parser
 from classifier.config import EvaluateParams, load_params
 from classifier.data.dataset import ImageSet, read_image_set
 from classifier.evaluation import insight, plots
@@ -145,4 +145,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from classifier.atomic import atomic_path, check_writable, write_json, write_text
-from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
+from classifier.cli import MODEL, PREPARED, RUN_INFO, exit_process, run_stage, stage_parser
 from classifier.config import ExportParams, ServeParams, load_params
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set
 from classifier.data.images import ResizePolicy
@@ -378,4 +378,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier.atomic import atomic_path, write_json
-from classifier.cli import PREPARED, run_stage, stage_parser
+from classifier.cli import PREPARED, exit_process, run_stage, stage_parser
 from classifier.config import Params, load_params
 from classifier.data.dataset import read_image_set
 from classifier.data.duplicates import image_hashes
@@ -105,4 +105,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classifier.atomic import write_json, write_text
-from classifier.cli import PREPARED, run_stage, stage_parser
+from classifier.cli import PREPARED, exit_process, run_stage, stage_parser
 from classifier.config import PreprocessParams, load_params
 from classifier.data.dataset import SPLITS, ImageSet
 from classifier.data.exclude import EXCLUDE_FILE, apply_exclusions, read_exclusions
@@ -101,4 +101,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

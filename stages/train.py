@@ -17,7 +17,7 @@ from pathlib import Path
 import keras
 
 from classifier.atomic import atomic_path, check_writable, write_json, write_text
-from classifier.cli import MODEL, PREPARED, RUN_INFO, run_stage, stage_parser
+from classifier.cli import MODEL, PREPARED, RUN_INFO, exit_process, run_stage, stage_parser
 from classifier.config import Params, load_params
 from classifier.tracking import runs, store
 from classifier.training import trial
@@ -148,4 +148,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

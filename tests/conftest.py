@@ -5,6 +5,7 @@ The helpers these use, and that tests import, are in tests/helpers.py.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__.removeprefix("tests.")))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The test process exits next: spare it the collector's last walk over the objects
+    of TensorFlow, Keras and MLflow, seconds at the end of every run (see
+    classifier.cli.exit_process, which the stages' processes end with)."""
+    gc.freeze()

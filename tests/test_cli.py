@@ -1,6 +1,7 @@
 import contextlib
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,29 @@ def test_the_stage_signal_handlers_are_put_back_and_forget_the_signal():
     assert run_stage("train", body) == 130
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     raise_if_signalled()  # the stage's Ctrl-C does not leak into whatever runs next
+
+
+def test_a_process_ended_by_exit_process_keeps_its_code_and_exit_handlers_with_gc_frozen(
+    tmp_path,
+):
+    """What the stages' processes end with: their exit code, their exit handlers run (MLflow
+    and logging flush there), and the collector's last walk spared (objects frozen)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, gc, sys\n"
+        "from classifier.cli import exit_process\n"
+        "atexit.register(lambda: print('exit handlers ran; frozen', gc.get_freeze_count() > 0))\n"
+        "sys.stdout.write('buffered, not flushed yet ')\n"
+        "exit_process(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered, not flushed yet exit handlers ran; frozen True\n"

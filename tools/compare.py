@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from classifier.cli import PREPARED, run_stage
+from classifier.cli import PREPARED, exit_process, run_stage
 from classifier.config import load_params
 from classifier.evaluation.compare import compare_runs
 
@@ -57,4 +57,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

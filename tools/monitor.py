@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from classifier.atomic import write_text
-from classifier.cli import run_stage
+from classifier.cli import exit_process, run_stage
 from classifier.config import load_params
 from classifier.errors import DataError
 from classifier.serving import monitor, ood
@@ -138,4 +138,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classifier.cli import MODEL, PREPARED, run_stage
+from classifier.cli import MODEL, PREPARED, exit_process, run_stage
 from classifier.config import load_params
 from classifier.serving.files import predict, read_labels
 
@@ -82,4 +82,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classifier.cli import run_stage
+from classifier.cli import exit_process, run_stage
 from classifier.config import ServeParams, load_params
 from classifier.errors import StageError
 from classifier.tracking import registry, store
@@ -95,4 +95,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

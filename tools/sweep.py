@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from classifier.cli import run_stage
+from classifier.cli import exit_process, run_stage
 from classifier.sweeps.runner import DEFAULT_UI
 
 
@@ -86,4 +86,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

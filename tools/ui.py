@@ -19,7 +19,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from classifier.cli import run_stage
+from classifier.cli import exit_process, run_stage
 from classifier.errors import StageError
 from classifier.tracking import store
 
@@ -82,4 +82,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())
