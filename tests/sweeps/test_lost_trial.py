@@ -70,7 +70,9 @@ def test_a_trial_a_stopping_worker_took_and_never_ran_is_stopped_and_run_again(
             taken.append(name)
 
     monkeypatch.setattr(queue, "queue_trial", queue_then_take_the_first)
-    monkeypatch.setattr(runner, "LOST_S", 1.0)
+    # Long enough for a trial that a worker does run to reach its process under load (DVC
+    # copies the repository first); short beside the sweep's minute.
+    monkeypatch.setattr(runner, "LOST_S", 15.0)
     monkeypatch.setattr(runner, "LOST_CHECK_S", 0.0)
 
     previous = signal.signal(signal.SIGALRM, _hung)
