@@ -329,10 +329,10 @@ class Driver:
                     kill.append(name)
                 elif state == queue.QUEUED and name not in asked:
                     drop.append(name)
+            queue.stop(self.root, kill, drop)  # first: every second here is training
+            asked.update(kill + drop)
             if finished:
                 self.collect(finished)
-            queue.stop(self.root, kill, drop)
-            asked.update(kill + drop)
             if all(
                 self.name(n) in asked and states.get(self.name(n)) in (queue.FAILED, None)
                 for n in self.in_flight

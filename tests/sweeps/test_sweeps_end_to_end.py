@@ -43,6 +43,7 @@ SEARCH = {
     "metric": "metrics/train.json:val_accuracy",
     "direction": "maximize",
     "workers": 2,
+    "set": {"train.epochs": 6},  # time to interrupt a trial that has just begun to train
     "search": {
         "trials": 4,
         "seed": 3,
@@ -210,6 +211,17 @@ def wait_for(condition, what: str) -> None:
         time.sleep(0.5)
 
 
+def started_after_one_finished(repo: Path, sweep_name: str) -> bool:
+    """A child run is RUNNING that started after another one had FINISHED."""
+    if not children_states(repo, sweep_name):
+        return False
+    children = family(repo, sweep_name)[1]
+    ended = [r.info.end_time for r in children if r.info.status == "FINISHED"]
+    return bool(ended) and any(
+        r.info.status == "RUNNING" and r.info.start_time > min(ended) for r in children
+    )
+
+
 def children_states(repo: Path, sweep_name: str) -> dict[str, str]:
     if not (repo / "mlflow.db").exists():
         return {}
@@ -234,11 +246,10 @@ def test_a_search_stopped_by_ctrl_c_resumes_without_repeating_a_finished_trial(r
         text=True,
     )
     try:
-        # Ctrl-C once a trial has finished and another is training.
-        wait_for(
-            lambda: {"FINISHED", "RUNNING"} <= set(children_states(repo, "search").values()),
-            "a finished trial and a running one",
-        )
+        # Ctrl-C once a trial has finished and another has begun to train since: one that
+        # ran beside the finished one may be about to end (it must be training when the
+        # sweep's `dvc queue kill` reaches it).
+        wait_for(lambda: started_after_one_finished(repo, "search"), "a trial begun later")
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=DEADLINE_S)
     finally:
