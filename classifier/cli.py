@@ -70,6 +70,28 @@ def raise_if_signalled() -> None:
         raise _interruption(_received[0])
 
 
+def pause_collector_while_starting() -> None:
+    """Pause the cycle collector if this process is ``python -m stages.<stage>``.
+
+    The ``stages`` package calls this; Python imports it before the stage module it runs,
+    and sets ``sys.argv[0]`` to ``"-m"`` while it looks that module up. Importing
+    TensorFlow, Keras and MLflow makes millions of objects that live as long as the process,
+    and the collector would walk them again and again while they load. run_stage() freezes
+    them and resumes it. Measured on 2 cores with ``/usr/bin/time``, interleaved runs:
+    ``python -m stages.evaluate`` took 15.8 and 17.6 s without, 14.0 and 15.5 s with.
+    A program that only imports the package (a test, a notebook) is left as it is.
+    """
+    if sys.argv[:1] == ["-m"]:
+        gc.disable()
+
+
+def _resume_collector() -> None:
+    """Start-up is over: freeze what it made out of the collector's walks, then resume it."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 def run_stage(name: str, body: Callable[[], object], params: Path | None = None) -> int:
     """Run a stage's body; expected failures become one line on stderr and exit code 1.
 
@@ -78,6 +100,7 @@ def run_stage(name: str, body: Callable[[], object], params: Path | None = None)
     A pipeline stage passes its ``params`` file: under DVC it then holds the workspace while
     it runs (classifier/workspace.py).
     """
+    _resume_collector()
     level = os.environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         print(

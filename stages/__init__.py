@@ -6,3 +6,6 @@ module is thin: it parses paths, loads params and calls the ``classifier`` libra
 
 # The library sets TensorFlow's log level; it must run before a module here imports Keras.
 import classifier  # noqa: F401
+from classifier.cli import pause_collector_while_starting
+
+pause_collector_while_starting()

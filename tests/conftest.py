@@ -178,6 +178,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__.removeprefix("tests.")))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Iterator[None]:
+    """Collecting imports TensorFlow, Keras and MLflow: millions of objects that live as long
+    as the process. The collector would walk them again and again while they load, and at
+    every full collection after: paused while they load, then frozen out of its walks (the
+    stages do the same, see classifier/cli.py)."""
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The test process exits next: spare it the collector's last walk over the objects
     of TensorFlow, Keras and MLflow, seconds at the end of every run (see

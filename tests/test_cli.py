@@ -1,12 +1,15 @@
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from classifier.cli import raise_if_signalled, run_stage
 from classifier.errors import DataError
+from tests.helpers import PROJECT_ROOT
 
 
 def test_expected_error_is_one_line_and_exit_1(capsys):
@@ -76,9 +79,6 @@ def test_a_process_ended_by_exit_process_keeps_its_code_and_exit_handlers_with_g
 ):
     """What the stages' processes end with: their exit code, their exit handlers run (MLflow
     and logging flush there), and the collector's last walk spared (objects frozen)."""
-    import subprocess
-    import sys
-
     script = (
         "import atexit, gc, sys\n"
         "from classifier.cli import exit_process\n"
@@ -88,10 +88,55 @@ def test_a_process_ended_by_exit_process_keeps_its_code_and_exit_handlers_with_g
     )
     done = subprocess.run(
         [sys.executable, "-c", script],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 3, done.stderr
     assert done.stdout == "buffered, not flushed yet exit handlers ran; frozen True\n"
+
+
+def run_python(*args: str, cwd: Path = PROJECT_ROOT) -> str:
+    """stdout of a fresh interpreter run with ``args`` in ``cwd``; fails on a non-zero exit."""
+    done = subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_python_dash_m_names_itself_in_argv_while_it_imports_the_modules_package(tmp_path):
+    """What pause_collector_while_starting() relies on, on this interpreter."""
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "__init__.py").write_text("import sys\nSEEN = list(sys.argv)\n")
+    (tmp_path / "probe" / "main.py").write_text("from probe import SEEN\nprint(SEEN)\n")
+    assert run_python("-m", "probe.main", "x", cwd=tmp_path) == "['-m', 'x']\n"
+    assert run_python("-c", "import probe; print(probe.SEEN)", cwd=tmp_path) == "['-c']\n"
+
+
+def test_a_stage_started_with_dash_m_imports_with_the_collector_paused_and_runs_with_it_on():
+    """Paused while the library loads; run_stage() freezes what loading made and resumes the
+    collector, so the stage's own work is collected as usual."""
+    script = (
+        "import gc, sys\n"
+        "sys.argv[0] = '-m'\n"  # as `python -m` sets it while it imports the package
+        "import stages\n"
+        "paused = not gc.isenabled()\n"
+        "from classifier.cli import run_stage\n"
+        "during = []\n"
+        "run_stage('probe', lambda: during.append((gc.isenabled(), gc.get_freeze_count() > 0)))\n"
+        "print(paused, during)\n"
+    )
+    assert run_python("-c", script) == "True [(True, True)]\n"
+
+
+def test_importing_the_stages_elsewhere_leaves_the_collector_alone():
+    script = (
+        "import gc\n"
+        "import stages\n"
+        "from classifier.cli import run_stage\n"
+        "run_stage('probe', lambda: None)\n"
+        "print(gc.isenabled(), gc.get_freeze_count())\n"
+    )
+    assert run_python("-c", script) == "True 0\n"
