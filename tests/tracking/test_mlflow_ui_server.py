@@ -8,13 +8,15 @@ import json
 import sys
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from classifier.config import EvaluateParams
-from classifier.processes import running
+from classifier.processes import ProcessGroup, running
 from stages import evaluate
-from tests.helpers import TEST_EXPERIMENT, TRAIN_EPOCHS, free_port
+from tests.helpers import PROJECT_ROOT, TEST_EXPERIMENT, TRAIN_EPOCHS, free_port, stage_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow-ui")]
 MODEL_NAME = "test-serving"  # the session's `registered` fixture
@@ -22,9 +24,10 @@ STARTUP_SECONDS = 90
 
 
 @pytest.fixture(scope="module")
-def ui(trained, registered, tmp_path_factory):
-    """A store with an evaluated run and its registered model, served by `mlflow ui` as
-    `make ui` does (the registration is the session's, without export's format checks)."""
+def ui_server(trained, registered, tmp_path_factory) -> Iterator[tuple[str, ProcessGroup]]:
+    """A store with an evaluated run and its registered model, served by `python -m tools.ui`
+    as `make ui` runs it (the registration is the session's, without export's format
+    checks). Yields the UI's address and its process group."""
     out = tmp_path_factory.mktemp("ui")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", trained.store_uri)
@@ -39,14 +42,19 @@ def ui(trained, registered, tmp_path_factory):
             plots_dir=out / "plots",
         )
     port = free_port()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", trained.store_uri]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "tools.ui", "--host", "127.0.0.1", "--port", str(port)]
+    env = stage_env(trained.store_uri, PYTHONPATH=str(PROJECT_ROOT))
     base = f"http://127.0.0.1:{port}"
     with running(
-        "mlflow ui", command, log_path=out / "ui.log", health_url=f"{base}/health",
-        timeout=STARTUP_SECONDS,
-    ):  # fmt: skip
-        yield base
+        "make ui", command, cwd=out, env=env, log_path=out / "ui.log",
+        health_url=f"{base}/health", timeout=STARTUP_SECONDS,
+    ) as group:  # fmt: skip
+        yield base, group
+
+
+@pytest.fixture(scope="module")
+def ui(ui_server) -> str:
+    return ui_server[0]
 
 
 def get(base: str, route: str, **query) -> bytes:
@@ -101,3 +109,19 @@ def test_the_ui_server_answers_the_registered_model_with_its_alias(ui, trained, 
     assert version["run_id"] == trained.result.run_id
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert tags["promotion.decision"] == "champion"
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:  # it ended meanwhile
+        return ""
+
+
+def test_the_ui_runs_without_mlflows_job_runner(ui_server):
+    """MLflow launches its job runner right after the server, before the server can answer
+    /health: none of the UI's processes is that runner or one of its consumers."""
+    _, group = ui_server
+    commands = [command_line(pid) for pid in group.members()]
+    assert any("mlflow" in command for command in commands), commands
+    assert not [c for c in commands if "mlflow.server.jobs" in c or "huey" in c]
