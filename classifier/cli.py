@@ -86,7 +86,10 @@ def pause_collector_while_starting() -> None:
 
 
 def _resume_collector() -> None:
-    """Start-up is over: freeze what it made out of the collector's walks, then resume it."""
+    """Start-up is over: freeze what it made out of the collector's walks, then resume it.
+
+    Importing the evaluate stage leaves about 4,300 unreachable objects among 427,000; they
+    stay frozen, since a collection to free them first costs 0.65 CPU-seconds."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
