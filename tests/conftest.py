@@ -21,6 +21,7 @@ from tests.helpers import (
     TrainedRun,
     fresh_store,
     project_params,
+    share_the_cores,
 )
 
 
@@ -179,24 +180,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__.removeprefix("tests.")))
 
 
-# TensorFlow's thread pools size themselves from these when the code sets nothing; numpy's
-# BLAS reads the last one.
-THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    """Each xdist worker, and every stage it starts, gets its share of the cores, as a
-    sweep's trials do (classifier/sweeps/resources.py): otherwise two workers on two cores
-    run four busy TensorFlow threads, and spin-waiting burns about a tenth of the suite's CPU.
-    A value already in the environment is kept."""
+    """Each xdist worker, and every stage it starts, gets its share of the cores."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if workers is None:  # not an xdist worker: one process has the machine
-        return
-    from classifier.sweeps.resources import cpu_count, plan_share
+    if workers is not None:  # else one process has the machine
+        from classifier.sweeps.resources import cpu_count
 
-    threads = plan_share(int(workers), cpu_count(), ()).threads
-    for name in THREAD_ENV:
-        os.environ.setdefault(name, str(threads))
+        share_the_cores(os.environ, int(workers), cpu_count())
 
 
 @pytest.hookimpl(wrapper=True)

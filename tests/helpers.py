@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,6 +113,26 @@ def fresh_store(directory: Path) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, directory / "mlflow.db")
     return sqlite_uri(directory)
+
+
+# TensorFlow's thread pools size themselves from these when the code sets nothing; numpy's
+# BLAS reads the last one.
+THREAD_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
+
+
+def share_the_cores(environ: MutableMapping[str, str], workers: int, cores: int) -> None:
+    """Give TensorFlow and BLAS ``cores // workers`` threads (at least one) in ``environ``,
+    as a sweep gives its trials (classifier/sweeps/resources.py); values set are kept.
+
+    Two xdist workers on two cores would otherwise each run two busy TensorFlow threads,
+    and so would every stage they start: spin-waiting then burns about a tenth of the
+    fast tier's CPU.
+    """
+    from classifier.sweeps.resources import plan_share
+
+    threads = str(plan_share(workers, cores, ()).threads)
+    for name in THREAD_ENV:
+        environ.setdefault(name, threads)
 
 
 def write_raw_pool(raw_dir: Path, image_set) -> None:
