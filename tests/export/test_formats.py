@@ -86,6 +86,21 @@ def test_every_format_matches_the_keras_model_on_the_test_split(exported):
 
 
 @pytest.mark.slow
+def test_the_float_tflite_file_has_the_bytes_of_keras_own_litert_export(exported, tmp_path):
+    """The TFLite files are converted from the SavedModel export has just written, not
+    from a second one: Keras's litert export, which writes its own, gives the same file."""
+    import tensorflow as tf
+
+    from classifier.model.files import load_model
+
+    model = load_model(str(exported.paths["keras"]))
+    path = tmp_path / "model.tflite"
+    options = {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}  # builtin ops only
+    model.export(str(path), format="litert", verbose=False, target_spec=options)
+    assert path.read_bytes() == exported.paths["tflite_float32"].read_bytes()
+
+
+@pytest.mark.slow
 def test_int8_model_is_integer_quantised(exported):
     from ai_edge_litert.interpreter import Interpreter
 
