@@ -130,7 +130,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.since is not None and args.since.tzinfo is None:
         args.since = args.since.replace(tzinfo=datetime.UTC)  # the log's times are UTC
     if args.alpha is not None and not 0 < args.alpha < 1:
-        parser.error(f"--alpha must be between 0 and 1 (a test level such as 0.01), got {args.alpha}")
+        parser.error(
+            f"--alpha must be between 0 and 1 (a test level such as 0.01), got {args.alpha}"
+        )
     if args.window is not None and args.window < monitor.MIN_WINDOW:
         parser.error(f"--window must be at least {monitor.MIN_WINDOW}")
     return args
