@@ -195,9 +195,12 @@ def copy_class_folders(source: Path, dest: Path) -> dict[str, object]:
                 bar.update()
     for skipped in listing.skipped_links:
         log.warning("skipped link %s -> %s: %s", *skipped.values())
+    for skipped in listing.skipped_folders:
+        log.warning("skipped folder %s with %s files: %s", *skipped.values())
     return {
         "files_per_class": {name: len(found) for name, found in listing.files.items()},
         "skipped_links": listing.skipped_links,
+        "skipped_folders": listing.skipped_folders,
     }
 
 

@@ -217,3 +217,38 @@ def test_links_inside_the_folder_are_followed_and_links_out_of_it_are_skipped_an
         "cats": len(written["cats"]),
         "dogs": len(written["dogs"]) + 1 + len(written["cats"]),
     }
+
+
+def test_a_loop_of_links_is_skipped_and_listed_not_a_traceback(tmp_path):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, broken=False)
+    (photos / "cats" / "l1").symlink_to("l2")
+    (photos / "cats" / "l2").symlink_to("l1")
+    (photos / "dogs" / "self").symlink_to("self")
+    description = download.run(folder_params(photos), out_dir=tmp_path / "raw")
+    skipped = {link["link"]: link["reason"] for link in description["skipped_links"]}
+    assert skipped == {
+        "cats/l1": "is a loop of links",
+        "cats/l2": "is a loop of links",
+        "dogs/self": "is a loop of links",
+    }
+
+
+def test_a_hidden_folder_beside_the_classes_is_listed_with_its_files(tmp_path, caplog):
+    photos = tmp_path / "photos"
+    written = make_image_folder(photos, broken=False)
+    hidden = photos / ".hidden"
+    hidden.mkdir()
+    for name in written["cats"]:
+        (hidden / name).write_bytes((photos / "cats" / name).read_bytes())
+    with caplog.at_level("WARNING"):
+        description = download.run(folder_params(photos), out_dir=tmp_path / "raw")
+    assert description["skipped_folders"] == [
+        {
+            "folder": ".hidden",
+            "files": str(len(written["cats"])),
+            "reason": "hidden (its name starts with a dot)",
+        }
+    ]
+    assert f"skipped folder .hidden with {len(written['cats'])} files" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "raw" / "files").iterdir()) == ["cats", "dogs"]
