@@ -7,7 +7,7 @@ import socket
 import mlflow
 
 from classifier.tracking import runs, store
-from tests.helpers import free_port
+from tests.helpers import PROJECT_ROOT, free_port
 from tools import compare, serve, ui
 
 
@@ -30,6 +30,24 @@ def test_serve_with_no_registered_model_exits_1_in_one_line(mlflow_store, capsys
         f"serve: error: no version of never-registered is @champion in {mlflow_store}; "
         "run the pipeline (make run) first, or name another model with --model-name\n"
     )
+
+
+def test_make_serve_reads_a_quoted_model_name_as_yaml(mlflow_store, tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    params = (PROJECT_ROOT / "params.yaml").read_text()
+    quoted = params.replace("model_name: digits-cnn", "model_name: 'digits-cnn'  # quoted")
+    assert quoted != params
+    (tmp_path / "params.yaml").write_text(quoted)
+    shutil.copy(PROJECT_ROOT / "Makefile", tmp_path / "Makefile")
+    planned = subprocess.run(
+        ["make", "-n", "serve"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    (line,) = [line for line in planned.splitlines() if "tools.serve" in line]
+    assert "--model-name" not in line  # tools.serve reads the name, as YAML
+    assert serve.main(["--params", str(tmp_path / "params.yaml")]) == 1
+    assert "no version of digits-cnn is @champion" in capsys.readouterr().err
 
 
 def finished_run_named(name: str) -> str:
