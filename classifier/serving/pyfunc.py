@@ -174,6 +174,13 @@ def to_batch(
                 f"got columns {columns}"
             )
         values = model_input[IMAGE_COLUMN]
+        if isinstance(values, np.ndarray) and values.dtype.kind in "iuf" and values.ndim < 3:
+            held = "a number" if values.ndim == 1 else "a list of numbers"
+            raise BadImageInput(
+                f"column {IMAGE_COLUMN!r} holds {held} in each row, not an image: send each "
+                "image as a file (base64 text or bytes) or as a height x width (x channels) "
+                "array of pixels 0-255"
+            )
         if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
             return _convert_pixels(values, shape, resize)  # {"image": pixel arrays}
         files = list(np.ravel(np.asarray(values, dtype=object)))

@@ -139,6 +139,8 @@ def parse_body(body: bytes, media_type: str) -> Any:
         payload = json.loads(body)
     except ValueError as error:
         raise bad_request(f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise bad_request("the body's JSON is nested too deeply to be images") from None
     return model_input_of(payload)
 
 

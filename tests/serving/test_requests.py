@@ -45,3 +45,18 @@ def test_json_or_csv_only_and_bad_json_is_a_400():
         parse_body(b"{nope", "application/json")
     assert caught.value.status == 400
     assert list(parse_body(b"image\naGk=\n", "text/csv")["image"]) == ["aGk="]
+
+
+def test_json_nested_too_deeply_is_a_400_not_a_recursion_error():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ClientError, match="nested too deeply") as caught:
+        parse_body(b'{"inputs": ' + deep + b"}", "application/json")
+    assert caught.value.status == 400
+
+
+def test_a_number_where_an_image_belongs_is_named_as_a_number():
+    from classifier.serving.pyfunc import BadImageInput, to_batch
+
+    model_input = model_input_of({"dataframe_records": [{"image": 5}]})
+    with pytest.raises(BadImageInput, match="holds a number in each row, not an image"):
+        to_batch(model_input, (28, 28, 1), "stretch")

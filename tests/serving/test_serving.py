@@ -71,6 +71,9 @@ def test_pixel_arrays_of_any_size_are_resized_like_preprocessing():
         ),
         (pd.DataFrame({"image": [3.5]}), "image 0: expected image file bytes or base64 text"),
         ({"image": [b""]}, "image 0: empty file"),
+        # {"dataframe_records": [{"image": 5}]} as the server hands it to the model
+        ({"image": np.array([5])}, "column 'image' holds a number in each row, not an image"),
+        ({"image": np.array([[1, 2]])}, "'image' holds a list of numbers in each row"),
     ],
 )
 def test_unusable_input_is_refused_with_a_message_naming_it(model_input, message):
