@@ -67,6 +67,30 @@ def test_compare_refuses_a_name_two_runs_share_and_lists_them(mlflow_store, tmp_
     assert not (tmp_path / "c.html").exists()
 
 
+def test_compare_refuses_to_compare_a_run_with_itself(mlflow_store, tmp_path, capsys):
+    run_id = finished_run_named("once")
+    code = compare.main(["once", run_id, "--out", str(tmp_path / "c.html")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err == (
+        f"compare: error: once and {run_id} are the same run ({run_id}); name two different runs\n"
+    )
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_compare_without_a_champion_says_which_two_runs_it_took(mlflow_store, caplog):
+    from classifier.evaluation.compare import resolve_run_ids
+
+    older, newer = finished_run_named("older"), finished_run_named("newer")
+    newest = finished_run_named("newest")  # three runs: the latest two are taken
+    with caplog.at_level("WARNING"):
+        chosen = resolve_run_ids([], "no-such-model")
+    assert chosen == [newest, newer] and older not in chosen
+    assert "no-such-model has no @champion: comparing the two latest finished runs, " in (
+        caplog.text
+    )
+
+
 def test_compare_of_a_run_id_that_does_not_exist_is_one_line(mlflow_store, tmp_path, capsys):
     finished_run_named("one")
     code = compare.main(["0" * 32, "one", "--out", str(tmp_path / "c.html")])
