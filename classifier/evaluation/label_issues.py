@@ -38,7 +38,7 @@ def check_folds(labels: np.ndarray, class_names: Sequence[str], folds: int) -> N
     """Refuse ``folds`` when a class has fewer training images: some fold model would never
     see it, and cleanlab cannot score a class no model learned."""
     counts = np.bincount(labels, minlength=len(class_names))
-    small = [(class_names[label], int(count)) for label, count in enumerate(counts) if count < folds]
+    small = [(class_names[label], int(n)) for label, n in enumerate(counts) if n < folds]
     if not small:
         return
     fewest = min(count for _, count in small)
