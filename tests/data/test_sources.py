@@ -252,3 +252,18 @@ def test_a_hidden_folder_beside_the_classes_is_listed_with_its_files(tmp_path, c
     ]
     assert f"skipped folder .hidden with {len(written['cats'])} files" in caplog.text
     assert sorted(p.name for p in (tmp_path / "raw" / "files").iterdir()) == ["cats", "dogs"]
+
+
+def test_a_relative_data_path_is_relative_to_the_project_also_in_dvcs_copies(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    written = make_image_folder(tmp_path / "photos", broken=False)
+    copy = project / ".dvc" / "tmp" / "exps" / "tmpq1"  # where a queued experiment runs
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(project))  # as DVC sets it there, and in the workspace
+    description = download.run(folder_params("../photos"), out_dir=copy / "raw")
+    assert description["path"] == str(tmp_path / "photos")
+    assert description["files_per_class"] == {name: len(files) for name, files in written.items()}
+    monkeypatch.delenv("DVC_ROOT")  # a stage run by hand: relative to where it runs
+    with pytest.raises(DataError, match="not a folder"):
+        download.run(folder_params("../photos"), out_dir=copy / "raw2")
