@@ -80,6 +80,7 @@ bench: install ## run the benchmarks (after make run; MNIST from ../shared/data/
 	python -m benchmarks.inference
 	python -m benchmarks.pyfunc
 	python -m benchmarks.server
+	python -m benchmarks.server_load
 	python -m benchmarks.overhead
 	python -m benchmarks.summary
 

@@ -9,8 +9,9 @@ The log is ``predictions.jsonl`` in one folder, named by the server's configurat
 never by a request: nothing a client sends becomes part of a path. The stdlib's
 ``RotatingFileHandler`` rotates it at ``max_bytes`` into ``predictions.jsonl.1``, ``.2``...,
 keeping ``backups`` old files, so the folder holds at most ``max_bytes * (backups + 1)``
-plus one request's lines. A request's lines go in one write. The server is one process,
-so there is one writer.
+bytes, however large one request is: each line is its own write, and the handler rotates
+before a line that would pass ``max_bytes``. The server scores one request at a time, on
+one thread, so there is one writer.
 
 :func:`read_window` reads the newest lines back, oldest first, across the rotated files
 (``python -m tools.monitor``).
@@ -110,8 +111,8 @@ class PredictionLog:
             if self.keep_images:
                 record["image"] = png_base64(pixels)
             lines.append(json.dumps(record))
-        if lines:
-            self.logger.info("\n".join(lines))
+        for line in lines:
+            self.logger.info(line)
 
     def close(self) -> None:
         self.logger.removeHandler(self.handler)

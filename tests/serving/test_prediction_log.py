@@ -118,3 +118,15 @@ def test_a_line_that_is_not_utf8_is_skipped_and_counted(tmp_path, caplog):
         window = read_window(tmp_path, 10)
     assert [r["ood_score"] for r in window] == [3.0, 4.0, 5.0]
     assert "skipped 2 unreadable lines" in caplog.text
+
+
+def test_one_large_request_cannot_pass_the_logs_bound(tmp_path):
+    max_bytes, backups = 2048, 1
+    log = PredictionLog(tmp_path, max_bytes=max_bytes, backups=backups)
+    log.append(MODEL, images(3000), rows(3000), 0.001)  # ~700 KB of lines in one request
+    log.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LOG_FILE, f"{LOG_FILE}.1"]
+    assert all(path.stat().st_size <= max_bytes for path in tmp_path.iterdir())
+    # What is kept is the newest lines, whole and in order.
+    window = read_window(tmp_path, 10_000)
+    assert [r["ood_score"] for r in window] == [3.0 + i for i in range(3000 - len(window), 3000)]
