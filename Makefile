@@ -14,8 +14,9 @@ MLFLOW_PORT ?= 5000
 SPEC ?= sweeps/example.yaml
 SERVE_PORT ?= 5001
 SERVE_HOST ?= 127.0.0.1
-# The registered model `make serve` serves: export.model_name in params.yaml.
-MODEL_NAME ?= $(shell sed -n 's/^ *model_name: *\([^ #]*\).*/\1/p' params.yaml)
+# The registered model `make serve` serves; empty: export.model_name, which tools.serve
+# reads from params.yaml as YAML (quotes, comments and all).
+MODEL_NAME ?=
 
 # The pipeline's stage commands call `python`: make it the project's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -45,8 +46,8 @@ test-fast: install ## the fast tier: no pipeline runs, no servers, no long train
 ui: install ## MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT to change)
 	python -m tools.ui --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-serve: install ## serve MODEL_NAME@champion on http://127.0.0.1:5001/invocations, /metrics; logs to logs/predictions
-	python -m tools.serve --model-name "$(MODEL_NAME)" --host $(SERVE_HOST) --port $(SERVE_PORT)
+serve: install ## serve export.model_name@champion (or MODEL_NAME) on http://127.0.0.1:5001/invocations, /metrics; logs to logs/predictions
+	python -m tools.serve $(if $(MODEL_NAME),--model-name "$(MODEL_NAME)") --host $(SERVE_HOST) --port $(SERVE_PORT)
 
 monitor: install ## compare the newest served predictions with the training data: reports/monitor.html
 	python -m tools.monitor
@@ -79,6 +80,7 @@ bench: install ## run the benchmarks (after make run; MNIST from ../shared/data/
 	python -m benchmarks.inference
 	python -m benchmarks.pyfunc
 	python -m benchmarks.server
+	python -m benchmarks.server_load
 	python -m benchmarks.overhead
 	python -m benchmarks.summary
 

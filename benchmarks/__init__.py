@@ -2,8 +2,8 @@
 side by side in the same invocation, because these machines are shared and noisy.
 
 One module per benchmark, each run as ``python -m benchmarks.<name>`` (``--help`` says what
-it measures): ingest, mnist, train, photos, augment, inference, pyfunc, server, overhead,
-insight, label_issues; then summary, which sets the performance targets against their
+it measures): ingest, mnist, train, photos, augment, inference, pyfunc, server, server_load,
+overhead, insight, label_issues; then summary, which sets the performance targets against their
 latest results.
 """
 

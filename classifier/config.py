@@ -179,6 +179,8 @@ class ServeParams(_Section):
     ood_quantile: float | None = Field(gt=0.5, le=1)
     max_body_bytes: int = Field(ge=1024, le=2**31)
     max_image_pixels: int = Field(ge=64, le=178_956_970)  # PIL refuses more anyway
+    max_request_images: int = Field(ge=1, le=1_000_000)
+    max_request_pixels: int = Field(ge=64, le=2**40)
     log_dir: str = Field(min_length=1)
     log_max_bytes: int = Field(ge=1024, le=2**40)
     log_backups: int = Field(ge=1, le=1000)

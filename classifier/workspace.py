@@ -10,7 +10,11 @@ each stage therefore:
   one runs stops at once, naming the running one and pointing to ``--queue``;
 - records params.yaml's content hash for its pipeline run (the ``dvc`` process that runs
   it), so a later stage of the same run stops when params.yaml changed under it, rather
-  than mixing two sets of params in one result.
+  than mixing two sets of params in one result;
+- checks that params.yaml still holds every ``-S key=value`` its ``dvc exp run`` was
+  started with. A second ``dvc exp run`` writes its own values before DVC's lock stops it,
+  possibly while the first run's early stages are skipped as unchanged: the first stage
+  that runs then already sees the other run's values, and the hash alone cannot tell.
 
 Outside DVC (a stage run by hand, the tests) nothing is checked. Linux and macOS only (fcntl).
 """
@@ -59,6 +63,67 @@ def pipeline_pid() -> int:
     while _comm(pid) in SHELLS:
         pid = _parent(pid)
     return pid
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+SET_PARAM_FLAGS = ("-S", "--set-param")
+
+
+def set_params_of(pid: int) -> dict[str, str]:
+    """The ``-S key=value`` overrides of process ``pid`` if it is a ``dvc exp run``, by key.
+
+    Only plain ``key=value`` overrides (and ``file:key=value`` for params.yaml): Hydra's
+    ``+key``, ``~key`` and sweeps are left to DVC.
+    """
+    argv = _command_line(pid)
+    starts = [i for i in range(len(argv) - 1) if argv[i : i + 2] == ["exp", "run"]]
+    if not starts:
+        return {}
+    found, args = {}, iter(argv[starts[0] + 2 :])
+    for arg in args:
+        value = None
+        for flag in SET_PARAM_FLAGS:
+            if arg == flag:
+                value = next(args, "")
+            elif arg.startswith(f"{flag}="):
+                value = arg[len(flag) + 1 :]
+            elif flag == "-S" and arg.startswith(flag) and len(arg) > len(flag):
+                value = arg[len(flag) :]
+        if value is None or "=" not in value or value[:1] in "+~":
+            continue
+        key, assigned = value.split("=", 1)
+        key = key.split(":", 1)[1] if key.startswith("params.yaml:") else key
+        if ":" not in key and "," not in assigned:
+            found[key] = assigned
+    return found
+
+
+def _changed_overrides(params_path: Path, overrides: dict[str, str]) -> list[str]:
+    """The ``-S`` overrides that ``params_path`` no longer holds, as ``key is X, not Y``."""
+    import yaml
+
+    try:
+        params = yaml.safe_load(Path(params_path).read_text())
+    except (OSError, ValueError):
+        return []  # loading the params reports a broken file, in its own words
+    changed = []
+    for key, assigned in overrides.items():
+        value: object = params
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        try:
+            expected = yaml.safe_load(assigned)
+        except ValueError:
+            expected = assigned
+        if value != expected and str(value) != assigned:
+            changed.append(f"{key} is {value!r}, not {expected!r}")
+    return changed
 
 
 def _alive(pid: int) -> bool:
@@ -149,6 +214,13 @@ def _claim(state_path: Path, stage: str, params_path: Path) -> None:
         raise ConcurrentRun(
             f"another pipeline run is using this workspace: {_describe(others[0])} ran last; "
             f"{QUEUE_HINT}"
+        )
+    changed = _changed_overrides(params_path, set_params_of(mine))
+    if changed:
+        raise ConcurrentRun(
+            f"{params_path} changed since this `dvc exp run` started: {'; '.join(changed)}. "
+            f"Another `dvc exp run` in this workspace wrote its params; nothing was trained "
+            f"with them. {QUEUE_HINT}"
         )
     if mine in runs and runs[mine].get("params_sha256") != digest:
         raise ConcurrentRun(

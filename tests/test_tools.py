@@ -7,7 +7,7 @@ import socket
 import mlflow
 
 from classifier.tracking import runs, store
-from tests.helpers import free_port
+from tests.helpers import PROJECT_ROOT, free_port
 from tools import compare, serve, ui
 
 
@@ -32,6 +32,24 @@ def test_serve_with_no_registered_model_exits_1_in_one_line(mlflow_store, capsys
     )
 
 
+def test_make_serve_reads_a_quoted_model_name_as_yaml(mlflow_store, tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    params = (PROJECT_ROOT / "params.yaml").read_text()
+    quoted = params.replace("model_name: digits-cnn", "model_name: 'digits-cnn'  # quoted")
+    assert quoted != params
+    (tmp_path / "params.yaml").write_text(quoted)
+    shutil.copy(PROJECT_ROOT / "Makefile", tmp_path / "Makefile")
+    planned = subprocess.run(
+        ["make", "-n", "serve"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    (line,) = [line for line in planned.splitlines() if "tools.serve" in line]
+    assert "--model-name" not in line  # tools.serve reads the name, as YAML
+    assert serve.main(["--params", str(tmp_path / "params.yaml")]) == 1
+    assert "no version of digits-cnn is @champion" in capsys.readouterr().err
+
+
 def finished_run_named(name: str) -> str:
     with runs.training_run({"data.source": "test"}) as run_id:
         mlflow.set_tag("mlflow.runName", name)
@@ -47,6 +65,30 @@ def test_compare_refuses_a_name_two_runs_share_and_lists_them(mlflow_store, tmp_
     assert err.startswith("compare: error: 2 finished runs are named 'same'; give a run id")
     assert first in err and second in err and other not in err
     assert not (tmp_path / "c.html").exists()
+
+
+def test_compare_refuses_to_compare_a_run_with_itself(mlflow_store, tmp_path, capsys):
+    run_id = finished_run_named("once")
+    code = compare.main(["once", run_id, "--out", str(tmp_path / "c.html")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err == (
+        f"compare: error: once and {run_id} are the same run ({run_id}); name two different runs\n"
+    )
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_compare_without_a_champion_says_which_two_runs_it_took(mlflow_store, caplog):
+    from classifier.evaluation.compare import resolve_run_ids
+
+    older, newer = finished_run_named("older"), finished_run_named("newer")
+    newest = finished_run_named("newest")  # three runs: the latest two are taken
+    with caplog.at_level("WARNING"):
+        chosen = resolve_run_ids([], "no-such-model")
+    assert chosen == [newest, newer] and older not in chosen
+    assert "no-such-model has no @champion: comparing the two latest finished runs, " in (
+        caplog.text
+    )
 
 
 def test_compare_of_a_run_id_that_does_not_exist_is_one_line(mlflow_store, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -107,3 +108,53 @@ def test_queued_experiments_each_hold_their_own_copy_not_the_project(tmp_path, m
     assert workspace.workspace_root() == copies[1]
     assert (copies[0] / workspace.LOCK_FILE).exists()
     assert not (project / workspace.LOCK_FILE).exists()
+
+
+@pytest.fixture
+def exp_run_with(request):
+    """A live process whose command line is a `dvc exp run` with the given arguments."""
+    argv = [sys.executable, "-c", "import time; time.sleep(300)", "exp", "run", *request.param]
+    process = subprocess.Popen(argv)
+    deadline = time.monotonic() + 30
+    while "exp" not in workspace._command_line(process.pid):  # until its exec is visible
+        assert time.monotonic() < deadline, "the stand-in process never started"
+        time.sleep(0.01)
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+@pytest.mark.parametrize(
+    "exp_run_with",
+    [["-S", "train.epochs=5"], ["--set-param=train.epochs=5"], ["-Strain.epochs=5"]],
+    indirect=True,
+)
+def test_a_first_stage_stops_when_params_lost_its_runs_set_values(
+    dvc_workspace, exp_run_with, monkeypatch
+):
+    # The run was started with -S train.epochs=5; another `dvc exp run` wrote epochs: 3
+    # before this run's first stage ran (its earlier stages were skipped as unchanged).
+    monkeypatch.setattr(workspace, "pipeline_pid", lambda: exp_run_with)
+    with (
+        pytest.raises(
+            ConcurrentRun,
+            match=r"params.yaml changed since this `dvc exp run` started: "
+            r"train.epochs is 3, not 5\. Another `dvc exp run`",
+        ),
+        exclusive_stage("train", dvc_workspace),
+    ):
+        pytest.fail("the stage trained with another run's params")
+
+
+@pytest.mark.parametrize(
+    "exp_run_with",
+    [["-S", "train.epochs=3", "-S", "+train.new=1", "-n", "x"], ["--queue"]],
+    indirect=True,
+)
+def test_a_run_whose_set_values_hold_goes_on(dvc_workspace, exp_run_with, monkeypatch):
+    monkeypatch.setattr(workspace, "pipeline_pid", lambda: exp_run_with)
+    assert workspace.set_params_of(exp_run_with) == (
+        {"train.epochs": "3"} if "-S" in workspace._command_line(exp_run_with) else {}
+    )
+    with exclusive_stage("train", dvc_workspace):
+        pass

@@ -67,9 +67,15 @@ def window_of(args: argparse.Namespace, log_dir: Path, size: int) -> list[dict]:
         if not newest:
             raise DataError(f"{log_dir}: no predictions of the model asked for in the log")
         name, version = newest[-1]["model"], int(newest[-1]["version"])
-        return read_window(log_dir, size, since=args.since, model=name, version=version)
+        window = read_window(log_dir, size, since=args.since, model=name, version=version)
     except LogFolderError as error:
         raise DataError(str(error)) from None
+    if not window:
+        raise DataError(
+            f"{log_dir}: no predictions of {name} version {version} since "
+            f"{args.since.isoformat()}; the newest is from {newest[-1]['time']}"
+        )
+    return window
 
 
 def run(args: argparse.Namespace) -> monitor.Comparison:
@@ -123,6 +129,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.since is not None and args.since.tzinfo is None:
         args.since = args.since.replace(tzinfo=datetime.UTC)  # the log's times are UTC
+    if args.alpha is not None and not 0 < args.alpha < 1:
+        parser.error(
+            f"--alpha must be between 0 and 1 (a test level such as 0.01), got {args.alpha}"
+        )
     if args.window is not None and args.window < monitor.MIN_WINDOW:
         parser.error(f"--window must be at least {monitor.MIN_WINDOW}")
     return args

@@ -48,6 +48,8 @@ def command(
         "--host", host, "--port", str(port),
         "--max-body-bytes", str(cfg.max_body_bytes),
         "--max-image-pixels", str(cfg.max_image_pixels),
+        "--max-request-images", str(cfg.max_request_images),
+        "--max-request-pixels", str(cfg.max_request_pixels),
         "--log-dir", str(log_dir), "--log-max-bytes", str(cfg.log_max_bytes),
         "--log-backups", str(cfg.log_backups),
         *(["--log-images"] if cfg.log_images else []),

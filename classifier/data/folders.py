@@ -4,8 +4,10 @@ The rule: a symbolic link is followed when what it points at lies inside the fol
 (``data.path``), whether it is a class folder, a subfolder or a file; a link that points
 outside it, or at nothing, is skipped, and every skipped link is listed (in
 ``data/raw/source.json`` and the data report). So a folder of photos cannot pull in the
-rest of the file system, and nothing is dropped without a word. Hidden files and folders
-(names starting with a dot) are skipped silently, as file managers hide them.
+rest of the file system, and nothing is dropped without a word. A link that loops (to
+itself, or round a chain of links) points at nothing. Hidden files and folders (names
+starting with a dot) are skipped, as file managers hide them; a hidden folder beside the
+class folders is listed, with its files, since it may be a class dropped by mistake.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class ClassFolders:
 
     files: dict[str, list[tuple[str, Path]]] = field(default_factory=dict)  # (relative, real)
     skipped_links: list[dict[str, str]] = field(default_factory=list)
+    skipped_folders: list[dict[str, str]] = field(default_factory=list)
 
 
 def _hidden(name: str) -> bool:
@@ -38,10 +41,14 @@ class _Walk:
 
     def inside(self, path: Path) -> Path | None:
         """The real path of ``path`` when it exists inside the root; None, noting why, if not."""
-        real = path.resolve()
-        if real.is_relative_to(self.root) and real.exists():
-            return real
-        reason = "points outside the folder" if real.exists() else "points at nothing"
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+            real, reason = Path(os.readlink(path)), "is a loop of links"
+        else:
+            if real.is_relative_to(self.root) and real.exists():
+                return real
+            reason = "points outside the folder" if real.exists() else "points at nothing"
         self.listing.skipped_links.append(
             {"link": path.relative_to(self.root).as_posix(), "target": str(real), "reason": reason}
         )
@@ -84,6 +91,14 @@ def list_class_folders(source: Path) -> ClassFolders:
     classes = []
     for entry in sorted(source.iterdir()):
         if _hidden(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                listing.skipped_folders.append(
+                    {
+                        "folder": entry.name,
+                        "files": str(sum(len(files) for _, _, files in os.walk(entry))),
+                        "reason": "hidden (its name starts with a dot)",
+                    }
+                )
             continue
         target = walk.inside(entry) if entry.is_symlink() else entry
         if target is not None and target.is_dir():

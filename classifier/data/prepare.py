@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,12 +174,29 @@ def _members(unit_of_image: np.ndarray, units: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(unit_of_image, units))
 
 
+def _too_small(unit_labels: np.ndarray, class_names: Sequence[str] | None, need: int) -> str:
+    """The classes with fewer than ``need`` units, by name: what a person can go and fix."""
+    counts = np.bincount(unit_labels, minlength=len(class_names or ()))
+    small = [
+        f"{class_names[label] if class_names else label!r}: {count}"
+        for label, count in enumerate(counts)
+        if count < need
+    ]
+    if not small:
+        return ""
+    return (
+        f"classes with fewer than {need} images (one for each split) once duplicates are "
+        f"joined: {', '.join(small)}; add images to them or remove their folders"
+    )
+
+
 def split_indices(
     labels: np.ndarray,
     val_fraction: float,
     test_fraction: float,
     seed: int,
     groups: np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Stratified, disjoint index sets for train / val / test, reproducible from ``seed``.
 
@@ -193,10 +211,11 @@ def split_indices(
     except ValueError as error:
         joined = len(unit_labels) < len(labels)
         grouped = f" ({len(unit_labels)} once duplicates are joined)" if joined else ""
+        why = _too_small(unit_labels, class_names, need=len(SPLITS)) or str(error)
         raise DataError(
             f"cannot split {len(labels)} images in {len(np.unique(labels))} classes{grouped} "
             f"into train/val/test with val_fraction={val_fraction}, "
-            f"test_fraction={test_fraction}: {error}"
+            f"test_fraction={test_fraction}: {why}"
         ) from None
     parts = {"train": train, "val": val, "test": test}
     return {split: _members(unit_of_image, units) for split, units in parts.items()}
@@ -227,7 +246,9 @@ def _pool_splits(data: Ingested, cfg: PreprocessParams) -> Assignment:
     """Split the pool three ways, each duplicate group whole."""
     pool = data.pool
     groups = find_duplicates(pool.images, cfg.near_duplicate_distance)
-    parts = split_indices(pool.labels, cfg.val_fraction, cfg.test_fraction, cfg.seed, groups.group)
+    parts = split_indices(
+        pool.labels, cfg.val_fraction, cfg.test_fraction, cfg.seed, groups.group, pool.class_names
+    )
     split_of = np.empty(len(pool.labels), object)
     for split, indices in parts.items():
         split_of[indices] = split

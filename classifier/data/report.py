@@ -19,6 +19,20 @@ from classifier.data.duplicates import DROPPED
 MAX_LISTED = 50  # rows shown of long lists (duplicates, skipped files); counts are complete
 
 
+def _cell(value: object) -> object:
+    """A table cell that cannot break its Markdown row: names come from people's files."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def markdown_table(table: pd.DataFrame, **options: object) -> str:
+    """``table`` in Markdown with every text cell, index and column name escaped."""
+    table = table.map(_cell).rename(index=_cell, columns=_cell)
+    table.index.name = _cell(table.index.name)
+    return table.to_markdown(**options)
+
+
 def _counts_table(splits: Mapping[str, ImageSet]) -> pd.DataFrame:
     class_names = next(iter(splits.values())).class_names
     table = pd.DataFrame(
@@ -72,18 +86,18 @@ def _source_section(source_images: pd.DataFrame) -> list[str]:
     return [
         "## Source files",
         "",
-        _source_table(source_images).to_markdown(index=False),
+        markdown_table(_source_table(source_images), index=False),
         "",
         "Size in pixels before resizing:",
         "",
-        _size_table(source_images).to_markdown(),
+        markdown_table(_size_table(source_images)),
         "",
     ]
 
 
 def _at_most(lines: list[str], table: pd.DataFrame, total: int) -> list[str]:
     """``lines`` with ``table`` (the first MAX_LISTED rows of ``total``) in Markdown."""
-    lines += [table.head(MAX_LISTED).to_markdown(index=False), ""]
+    lines += [markdown_table(table.head(MAX_LISTED), index=False), ""]
     if total > MAX_LISTED:
         lines += [f"... and {total - MAX_LISTED} more.", ""]
     return lines
@@ -151,6 +165,13 @@ def _links_section(links: Sequence[Mapping[str, str]]) -> list[str]:
     return _at_most(lines, pd.DataFrame(list(links)), len(links))
 
 
+def _folders_section(folders: Sequence[Mapping[str, str]]) -> list[str]:
+    if not folders:
+        return []
+    lines = ["## Skipped folders", "", f"{len(folders)} folders beside the classes were not read:"]
+    return _at_most([*lines, ""], pd.DataFrame(list(folders)), len(folders))
+
+
 def build_report(
     source: Mapping[str, object],
     splits: Mapping[str, ImageSet],
@@ -173,6 +194,7 @@ def build_report(
         "classes": len(splits["train"].class_names),
         "skipped_files": len(skipped),
         "skipped_links": len(source.get("skipped_links") or []),
+        "skipped_folders": len(source.get("skipped_folders") or []),
         **found,
         "pixel_mean": round(float(pixels["mean"].mean()), 6),
         "pixel_std": round(float(pixels["std"].mean()), 6),
@@ -187,15 +209,16 @@ def build_report(
         "",
         "## Images per class and split",
         "",
-        counts.to_markdown(),
+        markdown_table(counts),
         "",
         "## Pixels (training split, scaled to 0..1)",
         "",
-        pixels.to_markdown(index=False, floatfmt=".4f"),
+        markdown_table(pixels, index=False, floatfmt=".4f"),
         "",
     ]
     lines += _source_section(source_images)
     lines += _duplicates_section(duplicates, found)
     lines += _skipped_section(skipped)
     lines += _links_section(source.get("skipped_links") or [])
+    lines += _folders_section(source.get("skipped_folders") or [])
     return metrics, "\n".join(lines)

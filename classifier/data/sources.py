@@ -157,9 +157,22 @@ def _find_idx_file(folder: Path, name: str) -> Path:
     raise DataError(f"{folder}: no {name} (or {name.removesuffix('.gz')}) in this IDX folder")
 
 
+def local_path(path: str) -> Path:
+    """``data.path`` as a person means it: a relative path is relative to the project root.
+
+    In the workspace that is where the stage runs; a queued or ``--temp`` experiment (and so
+    every sweep trial) runs in DVC's copy under .dvc/tmp/exps/, and DVC sets ``DVC_ROOT``
+    to the project it copied.
+    """
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    return Path(os.environ.get("DVC_ROOT") or ".") / given
+
+
 def fetch_idx_dir(cfg: DataParams, out: Path) -> dict[str, object]:
     """The four IDX files from a local folder (plain or gzipped); no checksums to check."""
-    folder = Path(cfg.path)
+    folder = local_path(cfg.path)
     if not folder.is_dir():
         raise DataError(f"data.path: {folder} is not a folder")
     files = {role: _find_idx_file(folder, name) for role, name in IDX_FILES.items()}
@@ -195,9 +208,12 @@ def copy_class_folders(source: Path, dest: Path) -> dict[str, object]:
                 bar.update()
     for skipped in listing.skipped_links:
         log.warning("skipped link %s -> %s: %s", *skipped.values())
+    for skipped in listing.skipped_folders:
+        log.warning("skipped folder %s with %s files: %s", *skipped.values())
     return {
         "files_per_class": {name: len(found) for name, found in listing.files.items()},
         "skipped_links": listing.skipped_links,
+        "skipped_folders": listing.skipped_folders,
     }
 
 
@@ -213,8 +229,9 @@ def _class_root(extracted: Path) -> Path:
 
 def fetch_folder(cfg: DataParams, out: Path) -> dict[str, object]:
     """A folder with one subfolder of images per class."""
-    copied = copy_class_folders(Path(cfg.path), out / FILES_DIR)
-    return {"layout": FILES_LAYOUT, "path": str(Path(cfg.path).resolve()), **copied}
+    folder = local_path(cfg.path)
+    copied = copy_class_folders(folder, out / FILES_DIR)
+    return {"layout": FILES_LAYOUT, "path": str(folder.resolve()), **copied}
 
 
 def fetch_archive(cfg: DataParams, out: Path) -> dict[str, object]:
@@ -233,7 +250,7 @@ def fetch_archive(cfg: DataParams, out: Path) -> dict[str, object]:
                 max_bytes=ARCHIVE_MAX_BYTES,
             )
         else:
-            archive = Path(location)
+            archive = local_path(location)
             if not archive.is_file():
                 raise DataError(f"data.path: {archive} is not a file")
         extracted = extract_archive(archive, work_dir / "extracted")

@@ -108,17 +108,29 @@ def resolve_run_ids(references: Sequence[str], model_name: str) -> list[str]:
     finished = runs.finished_runs(experiment_id)
     experiment = store.experiment_name()
     if references:
-        return [
+        chosen = [
             runs.get_run(ref).info.run_id
             if RUN_ID.match(ref)
             else _named_run(finished, ref, experiment)
             for ref in references
         ]
+        if chosen[0] == chosen[1]:
+            raise StageError(
+                f"{references[0]} and {references[1]} are the same run ({chosen[0]}); "
+                "name two different runs"
+            )
+        return chosen
     champion = registry.alias_run_id(model_name, "champion")
     others = [r.info.run_id for r in finished if r.info.run_id != champion]
     chosen = [champion, *others[:1]] if champion else others[:2]
     if len(chosen) < 2:
         raise StageError("need two finished runs to compare; run `dvc exp run` once more")
+    if not champion:
+        log.warning(
+            "%s has no @champion: comparing the two latest finished runs, %s and %s",
+            model_name,
+            *chosen,
+        )
     return chosen
 
 

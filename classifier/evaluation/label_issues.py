@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +25,33 @@ import pandas as pd
 from classifier.config import LabelIssuesParams, TrainParams
 from classifier.data.dataset import ImageSet
 from classifier.data.duplicates import image_hashes
+from classifier.errors import ParamsError
 
 log = logging.getLogger(__name__)
 
 SHOWN = 24  # suspects in the picture
 RANK_BY = "self_confidence"
 TABLE_COLUMNS = ["rank", "index", "hash", "given", "suggested", "score", "suggested_probability"]
+
+
+def check_folds(labels: np.ndarray, class_names: Sequence[str], folds: int) -> None:
+    """Refuse ``folds`` when a class has fewer training images: some fold model would never
+    see it, and cleanlab cannot score a class no model learned."""
+    counts = np.bincount(labels, minlength=len(class_names))
+    small = [(class_names[label], int(n)) for label, n in enumerate(counts) if n < folds]
+    if not small:
+        return
+    fewest = min(count for _, count in small)
+    named = ", ".join(f"{name!r} has {count}" for name, count in small)
+    fix = (
+        f"set label_issues.folds to {fewest} or fewer"
+        if fewest >= 2
+        else "add training images to it (at least 2 per class)"
+    )
+    raise ParamsError(
+        f"label_issues.folds={folds} needs at least {folds} training images in every class: "
+        f"{named}; {fix}"
+    )
 
 
 def fold_of_each_image(labels: np.ndarray, hashes: list[str], folds: int, seed: int) -> np.ndarray:
@@ -78,6 +99,7 @@ def out_of_fold_probabilities(
     from classifier.training.loop import fit_epochs, new_model
     from classifier.training.precision import float32_model
 
+    check_folds(train.labels, train.class_names, cfg.folds)
     fold_params = fold_train_params(train_params, cfg)
     fold_of = fold_of_each_image(
         train.labels, image_hashes(train.images), cfg.folds, fold_params.seed

@@ -9,8 +9,9 @@ The log is ``predictions.jsonl`` in one folder, named by the server's configurat
 never by a request: nothing a client sends becomes part of a path. The stdlib's
 ``RotatingFileHandler`` rotates it at ``max_bytes`` into ``predictions.jsonl.1``, ``.2``...,
 keeping ``backups`` old files, so the folder holds at most ``max_bytes * (backups + 1)``
-plus one request's lines. A request's lines go in one write. The server is one process,
-so there is one writer.
+bytes, however large one request is: each line is its own write, and the handler rotates
+before a line that would pass ``max_bytes``. The server scores one request at a time, on
+one thread, so there is one writer.
 
 :func:`read_window` reads the newest lines back, oldest first, across the rotated files
 (``python -m tools.monitor``).
@@ -32,6 +33,8 @@ from typing import Any
 import numpy as np
 
 LOG_FILE = "predictions.jsonl"
+
+log = logging.getLogger(__name__)
 
 
 class LogFolderError(ValueError):
@@ -108,8 +111,8 @@ class PredictionLog:
             if self.keep_images:
                 record["image"] = png_base64(pixels)
             lines.append(json.dumps(record))
-        if lines:
-            self.logger.info("\n".join(lines))
+        for line in lines:
+            self.logger.info(line)
 
     def close(self) -> None:
         self.logger.removeHandler(self.handler)
@@ -131,16 +134,20 @@ def _log_files(folder: Path) -> list[Path]:
     return [*backups, *([current] if current.exists() else [])]
 
 
-def _records(folder: Path) -> Iterator[dict[str, Any]]:
+def _records(folder: Path, unreadable: list[int]) -> Iterator[dict[str, Any]]:
+    """Every record of the log, oldest first; a line that is not a JSON object of UTF-8 text
+    (cut short by a crash mid-write, or damaged by hand) is skipped and counted."""
     for path in _log_files(folder):
-        with path.open(encoding="utf-8") as lines:
+        with path.open("rb") as lines:
             for line in lines:
                 try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a crash mid-write
-                if isinstance(record, dict):
+                    record = json.loads(line.decode("utf-8"))
+                except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+                    record = None
+                if isinstance(record, dict) and isinstance(record.get("time"), str):
                     yield record
+                elif line.strip():
+                    unreadable[0] += 1
 
 
 def read_window(
@@ -156,14 +163,25 @@ def read_window(
     if not Path(folder).is_dir():
         raise LogFolderError(f"{folder}: no prediction log here; serve some requests first")
     window: list[dict[str, Any]] = []
-    for record in _records(folder):
+    unreadable = [0]
+    for record in _records(folder, unreadable):
         if model is not None and record.get("model") != model:
             continue
         if version is not None and record.get("version") != version:
             continue
-        if since is not None and datetime.datetime.fromisoformat(record["time"]) < since:
+        if since is not None and _time_of(record) < since:
             continue
         window.append(record)
         if len(window) > 2 * last:
             del window[:-last]
+    if unreadable[0]:
+        log.warning("%s: skipped %d unreadable lines of the prediction log", folder, unreadable[0])
     return window[-last:]
+
+
+def _time_of(record: dict[str, Any]) -> datetime.datetime:
+    """The record's time; one that cannot be read sorts first (it is never "since")."""
+    try:
+        return datetime.datetime.fromisoformat(record["time"])
+    except ValueError:
+        return datetime.datetime.min.replace(tzinfo=datetime.UTC)

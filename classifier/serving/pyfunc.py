@@ -102,8 +102,9 @@ def _image_bytes(value: Any, row: int) -> bytes:
     )
 
 
-def _check_size(data: bytes, row: int, max_pixels: int) -> None:
-    """Refuse an image whose header promises more than ``max_pixels``, before decoding it."""
+def _check_size(data: bytes, row: int, max_pixels: int) -> int:
+    """Refuse an image whose header promises more than ``max_pixels``, before decoding it;
+    return its pixels (0 where PIL cannot read the header: decoding says what is wrong)."""
     from PIL import Image
 
     try:
@@ -112,11 +113,21 @@ def _check_size(data: bytes, row: int, max_pixels: int) -> None:
     except Image.DecompressionBombError:
         width = height = None
     except Exception:
-        return  # not an image PIL knows: decoding says what is wrong with it
+        return 0  # not an image PIL knows: decoding says what is wrong with it
     if width is None or width * height > max_pixels:
         size = "over 179 million" if width is None else f"{width}x{height}"
         raise ImageTooLarge(
             f"image {row}: {size} pixels, more than the {max_pixels:,} this server decodes"
+        )
+    return width * height
+
+
+def _check_request_pixels(pixels: int, max_request_pixels: int | None) -> None:
+    if max_request_pixels is not None and pixels > max_request_pixels:
+        raise ImageTooLarge(
+            f"the request's images hold {pixels:,} pixels, more than the "
+            f"{max_request_pixels:,} this server decodes per request; send fewer or smaller "
+            "images per request"
         )
 
 
@@ -125,12 +136,15 @@ def _decode_column(
     shape: tuple[int, int, int],
     resize: ResizePolicy,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    max_request_pixels: int | None = None,
 ) -> np.ndarray:
     height, width, channels = shape
+    files = [_image_bytes(value, row) for row, value in enumerate(values)]
+    # Every header first: a request over its budget is refused before any image is decoded.
+    promised = sum(_check_size(data, row, max_pixels) for row, data in enumerate(files))
+    _check_request_pixels(promised, max_request_pixels)
     images = np.empty((len(values), *shape), dtype=np.uint8)
-    for row, value in enumerate(values):
-        data = _image_bytes(value, row)
-        _check_size(data, row, max_pixels)
+    for row, data in enumerate(files):
         try:
             images[row] = decode_image(data, height, width, channels, resize)
         except UnreadableImage as error:
@@ -163,8 +177,10 @@ def to_batch(
     shape: tuple[int, int, int],
     resize: ResizePolicy,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    max_request_pixels: int | None = None,
 ) -> np.ndarray:
-    """The uint8 batch of ``shape`` images the model takes, from what a client sent."""
+    """The uint8 batch of ``shape`` images the model takes, from what a client sent; at most
+    ``max_pixels`` in one image and ``max_request_pixels`` in all, refused before decoding."""
     if isinstance(model_input, pd.DataFrame | dict):
         if IMAGE_COLUMN not in model_input:
             columns = list(model_input.keys()) if isinstance(model_input, dict) else None
@@ -174,15 +190,29 @@ def to_batch(
                 f"got columns {columns}"
             )
         values = model_input[IMAGE_COLUMN]
+        if isinstance(values, np.ndarray) and values.dtype.kind in "iuf" and values.ndim < 3:
+            held = "a number" if values.ndim == 1 else "a list of numbers"
+            raise BadImageInput(
+                f"column {IMAGE_COLUMN!r} holds {held} in each row, not an image: send each "
+                "image as a file (base64 text or bytes) or as a height x width (x channels) "
+                "array of pixels 0-255"
+            )
         if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+            _check_request_pixels(_array_pixels(values), max_request_pixels)
             return _convert_pixels(values, shape, resize)  # {"image": pixel arrays}
         files = list(np.ravel(np.asarray(values, dtype=object)))
-        return _decode_column(files, shape, resize, max_pixels)
+        return _decode_column(files, shape, resize, max_pixels, max_request_pixels)
     try:
         pixels = np.asarray(model_input)
     except ValueError:
         raise BadImageInput("images in a batch must all have the same shape") from None
+    _check_request_pixels(_array_pixels(pixels), max_request_pixels)
     return _convert_pixels(pixels, shape, resize)
+
+
+def _array_pixels(pixels: np.ndarray) -> int:
+    """Pixels of a batch of arrays, (N, height, width) or (N, height, width, channels)."""
+    return int(np.prod(pixels.shape[:3])) if pixels.ndim >= 3 else pixels.size
 
 
 def prediction_frame(
@@ -277,6 +307,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             else None
         )
         self.max_image_pixels = MAX_IMAGE_PIXELS
+        self.max_request_pixels: int | None = None  # the server sets its own
 
     def _runtime(self, runtime_path: str | None) -> runtime.Runtime:
         """The shipped fast file on its runtime; else, or if it cannot load, Keras."""
@@ -299,7 +330,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
     def images(self, model_input: Any) -> np.ndarray:
         """The uint8 batch this model takes, from any of the forms the module docstring lists."""
-        return to_batch(model_input, self.shape, self.resize, self.max_image_pixels)
+        return to_batch(
+            model_input,
+            self.shape,
+            self.resize,
+            self.max_image_pixels,
+            getattr(self, "max_request_pixels", None),
+        )
 
     def classify(self, images: np.ndarray) -> Answers:
         """Probabilities, OOD scores and abstentions for a uint8 batch of the model's shape."""

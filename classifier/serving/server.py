@@ -78,6 +78,14 @@ class Limits:
 
     max_body_bytes: int
     max_image_pixels: int
+    max_request_images: int = 1000
+    max_request_pixels: int = 100_000_000
+
+
+# Parsing JSON makes an object of every array and object in it, and a body of nested
+# one-pixel lists is mostly that: 16 MB of ``[1],`` would be 4 million lists, 800 MB. A
+# million is 1,000 images of 28x28x1 as nested lists (785,000 arrays); no more are parsed.
+MAX_JSON_CONTAINERS = 1_000_000
 
 
 # ---------------------------------------------------------------------------- requests
@@ -135,11 +143,44 @@ def parse_body(body: bytes, media_type: str) -> Any:
             return pd.read_csv(io.BytesIO(body))
         except Exception as error:
             raise bad_request(f"the body is not valid CSV: {error}") from None
+    containers = body.count(b"[") + body.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ClientError(
+            413,
+            "REQUEST_TOO_LARGE",
+            f"the JSON body holds {containers:,} arrays and objects, more than the "
+            f"{MAX_JSON_CONTAINERS:,} this server parses; send images as files (base64 PNG) "
+            "or fewer images per request",
+            "too_large",
+        )
     try:
         payload = json.loads(body)
     except ValueError as error:
         raise bad_request(f"the body is not valid JSON: {error}") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise bad_request("the body's JSON is nested too deeply to be images") from None
     return model_input_of(payload)
+
+
+def image_count(model_input: Any) -> int:
+    """How many images a parsed request holds (rows of its image column, or of its array)."""
+    if isinstance(model_input, dict):
+        column = model_input.get("image")
+        return 0 if column is None else len(column) if hasattr(column, "__len__") else 1
+    return len(model_input) if hasattr(model_input, "__len__") else 1
+
+
+def check_image_count(model_input: Any, limit: int) -> None:
+    """A 413 for a request of more than ``limit`` images, before any is decoded."""
+    count = image_count(model_input)
+    if count > limit:
+        raise ClientError(
+            413,
+            "TOO_MANY_IMAGES",
+            f"the request holds {count:,} images, more than the {limit:,} this server takes "
+            "per request; split it into smaller requests",
+            "too_large",
+        )
 
 
 def media_type_of(content_type: str) -> str:
@@ -197,6 +238,7 @@ class Served:
         self.answers_rows = hasattr(self.model, "classify")  # else a version from before
         if self.answers_rows:
             self.model.max_image_pixels = limits.max_image_pixels
+            self.model.max_request_pixels = limits.max_request_pixels
 
     @property
     def runtime(self) -> str:
@@ -299,6 +341,8 @@ def create_app(
     prediction_log: PredictionLog | None = None,
 ) -> Any:
     """The Starlette app serving ``served`` (``model``: name, version, runtime)."""
+    import anyio
+    import anyio.to_thread
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -306,14 +350,28 @@ def create_app(
     metrics = Metrics(model)
     logged_model = {"model": model.get("name"), "version": model.get("version")}
 
+    def score(body: bytes, media_type: str, started: float) -> tuple[Any, list[dict]]:
+        """Parse, check, predict, answer and log one request: on a worker thread."""
+        model_input = parse_body(body, media_type)
+        check_image_count(model_input, limits.max_request_images)
+        images, rows = served.answer(model_input)
+        response = Response(json.dumps({"predictions": rows}), media_type=JSON_TYPE)
+        if rows and prediction_log is not None and images is not None:
+            prediction_log.append(logged_model, images, rows, time.perf_counter() - started)
+        return response, rows
+
+    # One request is scored at a time, off the event loop: the model already uses every
+    # core, and /ping, /health and /metrics answer while it works. Others wait their turn.
+    scoring = anyio.CapacityLimiter(1)
+
     async def invocations(request: Any) -> Any:
         started = time.perf_counter()
-        images = None
         try:
             media_type = media_type_of(request.headers.get("content-type", ""))
             body = await read_body(request, limits.max_body_bytes)
-            images, rows = served.answer(parse_body(body, media_type))
-            response = Response(json.dumps({"predictions": rows}), media_type=JSON_TYPE)
+            response, rows = await anyio.to_thread.run_sync(
+                score, body, media_type, started, limiter=scoring
+            )
         except ClientError as error:
             response, rows = _error(error), []
             metrics.errors.labels(error.kind).inc()
@@ -330,8 +388,6 @@ def create_app(
             for row in rows:
                 if row.get("abstain_reason") in ABSTAIN_REASONS:
                     metrics.abstentions.labels(row["abstain_reason"]).inc()
-            if prediction_log is not None and images is not None:
-                prediction_log.append(logged_model, images, rows, seconds)
         return response
 
     async def ping(request: Any) -> Any:
@@ -388,6 +444,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=5001)
     parser.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
     parser.add_argument("--max-image-pixels", type=int, default=50_000_000)
+    parser.add_argument("--max-request-images", type=int, default=1000)
+    parser.add_argument("--max-request-pixels", type=int, default=100_000_000)
     parser.add_argument("--log-dir", type=Path, help="the prediction log's folder; none: no log")
     parser.add_argument("--log-max-bytes", type=int, default=10 * 2**20)
     parser.add_argument("--log-backups", type=int, default=5)
@@ -406,7 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     _forget_project_code()
-    limits = Limits(args.max_body_bytes, args.max_image_pixels)
+    limits = Limits(
+        args.max_body_bytes,
+        args.max_image_pixels,
+        args.max_request_images,
+        args.max_request_pixels,
+    )
     served = Served(mlflow.pyfunc.load_model(args.model_uri), limits)
     model = {
         "name": args.model_name or args.model_uri,

@@ -11,7 +11,18 @@ import pandas as pd
 import pytest
 
 import benchmarks
-from benchmarks import augment, inference, ingest, mnist, overhead, photos, pyfunc, server, summary
+from benchmarks import (
+    augment,
+    inference,
+    ingest,
+    mnist,
+    overhead,
+    photos,
+    pyfunc,
+    server,
+    server_load,
+    summary,
+)
 from benchmarks import train as train_benchmark
 from classifier.data.dataset import ImageSet, read_image_set, write_image_set
 from classifier.export.formats import ExportError, export_formats, load_runner
@@ -605,6 +616,25 @@ def test_server_benchmark_times_the_model_server_against_the_pyfunc_then_stops_b
     ]  # fmt: skip
     assert [group.process.poll() is not None for group in groups] == [True] * 4
     assert [living(group) for group in groups] == [[]] * 4  # uvicorn's workers too
+
+
+@pytest.mark.slow
+def test_server_load_benchmark_loses_no_request_and_times_ping_idle_and_loaded(
+    trained, registered, results, monkeypatch, capsys
+):
+    groups = started_groups(monkeypatch)
+    argv = [*model_argv(trained, registered)[:6], "--quick", "--size", "300", "--pings", "5"]
+    assert server_load.main(argv) == 0
+    reported = result(results, "server_load")
+    assert reported["version"] == registered["version"]
+    assert reported["requests_ok"] == 4 and reported["requests_not_ok"] == []
+    assert reported["load"]["image_pixels"] == 300 * 300
+    assert reported["ping"]["idle"]["pings"] == 5 and reported["ping"]["under load"]["pings"] >= 1
+    ratio = reported["ping"]["under load"]["p99_ms"] / reported["ping"]["idle"]["p99_ms"]
+    assert reported["p99_ratio_load_over_idle"] == round(ratio, 2)
+    assert "| under load | " in capsys.readouterr().out
+    assert [group.name for group in groups] == ["the serve server"]
+    assert [living(group) for group in groups] == [[]]
 
 
 def test_pyfunc_benchmark_names_a_model_that_is_not_registered(

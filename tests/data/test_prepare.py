@@ -100,6 +100,18 @@ def test_too_few_images_for_the_split_is_a_clear_error(tmp_path):
     assert not (tmp_path / "prepared").exists()
 
 
+def test_a_class_with_one_image_is_named_in_the_split_error(tmp_path):
+    labels = np.array([0] * 20 + [1] * 20 + [2])
+    images = np.random.default_rng(0).integers(0, 256, (41, 8, 8, 1), dtype=np.uint8)
+    write_raw_pool(tmp_path / "raw", ImageSet(images, labels, ("cats", "dogs", "a|rare one")))
+    with pytest.raises(DataError) as error:
+        run_preprocess(project_params().preprocess, tmp_path)
+    assert "classes with fewer than 3 images (one for each split) once duplicates are joined: " in (
+        str(error.value)
+    )
+    assert "'a|rare one': 1;" in str(error.value) and "cats" not in str(error.value)
+
+
 def test_a_single_class_is_rejected(tmp_path):
     raw = ImageSet(np.zeros((40, 8, 8, 1), np.uint8), np.zeros(40, np.int64), ("only",))
     write_raw_pool(tmp_path / "raw", raw)

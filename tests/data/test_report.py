@@ -91,3 +91,31 @@ def test_report_describes_source_files():
     )
     assert "| JPEG     | RGB    |        2 |" in markdown
     assert "| max    |    1024 |      768 |" in markdown
+
+
+def test_pipes_and_newlines_in_names_cannot_break_the_report_tables():
+    import re
+
+    odd = ("cats|dogs", "b")
+    splits = {
+        s: ImageSet(photo_set([1, 2], [0, 1]).images, np.array([0, 1]), odd)
+        for s in ("train", "val", "test")
+    }
+    skipped = [{"file": "cats/bad|name\n| x |.png", "reason": "not an image"}]
+    folders = [{"folder": ".hidden|x", "files": "8", "reason": "hidden"}]
+    _, markdown = build_report(
+        {"source": "folder", "layout": "files", "skipped_folders": folders},
+        splits,
+        members_where_they_are(splits),
+        skipped,
+        pd.DataFrame(),
+    )
+    widths = set()
+    for table in re.split(r"\n\s*\n", markdown):
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        # Every row of a table has its header's cells, counting only unescaped pipes.
+        widths = {len(re.split(r"(?<!\\)\|", row)) for row in rows}
+        assert len(widths) <= 1, table
+    assert r"| cats\|dogs " in markdown
+    assert r"cats/bad\|name\n\| x \|.png" in markdown
+    assert "## Skipped folders" in markdown and r".hidden\|x" in markdown

@@ -217,3 +217,53 @@ def test_links_inside_the_folder_are_followed_and_links_out_of_it_are_skipped_an
         "cats": len(written["cats"]),
         "dogs": len(written["dogs"]) + 1 + len(written["cats"]),
     }
+
+
+def test_a_loop_of_links_is_skipped_and_listed_not_a_traceback(tmp_path):
+    photos = tmp_path / "photos"
+    make_image_folder(photos, broken=False)
+    (photos / "cats" / "l1").symlink_to("l2")
+    (photos / "cats" / "l2").symlink_to("l1")
+    (photos / "dogs" / "self").symlink_to("self")
+    description = download.run(folder_params(photos), out_dir=tmp_path / "raw")
+    skipped = {link["link"]: link["reason"] for link in description["skipped_links"]}
+    assert skipped == {
+        "cats/l1": "is a loop of links",
+        "cats/l2": "is a loop of links",
+        "dogs/self": "is a loop of links",
+    }
+
+
+def test_a_hidden_folder_beside_the_classes_is_listed_with_its_files(tmp_path, caplog):
+    photos = tmp_path / "photos"
+    written = make_image_folder(photos, broken=False)
+    hidden = photos / ".hidden"
+    hidden.mkdir()
+    for name in written["cats"]:
+        (hidden / name).write_bytes((photos / "cats" / name).read_bytes())
+    with caplog.at_level("WARNING"):
+        description = download.run(folder_params(photos), out_dir=tmp_path / "raw")
+    assert description["skipped_folders"] == [
+        {
+            "folder": ".hidden",
+            "files": str(len(written["cats"])),
+            "reason": "hidden (its name starts with a dot)",
+        }
+    ]
+    assert f"skipped folder .hidden with {len(written['cats'])} files" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "raw" / "files").iterdir()) == ["cats", "dogs"]
+
+
+def test_a_relative_data_path_is_relative_to_the_project_also_in_dvcs_copies(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    written = make_image_folder(tmp_path / "photos", broken=False)
+    copy = project / ".dvc" / "tmp" / "exps" / "tmpq1"  # where a queued experiment runs
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(project))  # as DVC sets it there, and in the workspace
+    description = download.run(folder_params("../photos"), out_dir=copy / "raw")
+    assert description["path"] == str(tmp_path / "photos")
+    assert description["files_per_class"] == {name: len(files) for name, files in written.items()}
+    monkeypatch.delenv("DVC_ROOT")  # a stage run by hand: relative to where it runs
+    with pytest.raises(DataError, match="not a folder"):
+        download.run(folder_params("../photos"), out_dir=copy / "raw2")

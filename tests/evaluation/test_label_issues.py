@@ -50,7 +50,9 @@ def test_confident_learning_ranks_a_label_the_probabilities_contradict_first():
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     hashes = [f"{i:024x}" for i in range(120)]
     issues = label_issues.rank_label_issues(labels, probabilities, ("a", "b", "c"), hashes)
-    assert issues.table["index"].tolist()[:2] == [7, 50]
+    # Only the two the probabilities contradict: the 118 confident, agreeing ones are not
+    # flagged at all, however their self-confidence ranks them.
+    assert issues.table["index"].tolist() == [7, 50]
     first = issues.table.iloc[0]
     assert (first["given"], first["suggested"], first["hash"]) == ("a", "b", hashes[7])
     assert first["score"] == pytest.approx(probabilities[7, 0])  # self-confidence
@@ -102,6 +104,28 @@ def test_the_stage_when_off_trains_nothing_and_writes_an_empty_table(tmp_path):
     with Image.open(tmp_path / "out" / stage.PICTURE_FILE) as picture:
         assert picture.format == "PNG"
     assert not (tmp_path / "out" / stage.PROBABILITIES_FILE).exists()
+
+
+def test_a_class_smaller_than_the_folds_is_named_with_the_folds_that_would_work(tmp_path):
+    from classifier.data.dataset import write_image_set
+    from classifier.errors import ParamsError
+
+    labels = np.array([0] * 20 + [1] * 20 + [2] * 3)
+    images = np.random.default_rng(0).integers(0, 256, (len(labels), 8, 8, 1), dtype=np.uint8)
+    write_image_set(tmp_path / "prepared" / "train", ImageSet(images, labels, ("a", "b", "rare")))
+    params = project_params(label_issues={"enabled": True, "folds": 5, "epochs": 1})
+    with pytest.raises(ParamsError) as refused:  # before any fold model is trained
+        stage.run(
+            params,
+            data_dir=tmp_path / "prepared",
+            out_dir=tmp_path / "out",
+            metrics_path=tmp_path / "label_issues.json",
+        )
+    assert str(refused.value) == (
+        "label_issues.folds=5 needs at least 5 training images in every class: 'rare' has 3; "
+        "set label_issues.folds to 3 or fewer"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "label_issues.json").exists()
 
 
 @pytest.mark.slow

@@ -131,3 +131,19 @@ def test_a_version_registered_without_serving_files_runs_on_keras_and_never_abst
         test.class_names[i] for i in probabilities[:32].argmax(1)
     ]
     assert frame["temperature"].tolist() == pytest.approx([temperature] * 32)
+
+
+def test_the_ood_threshold_is_the_quantile_of_the_validation_scores_it_was_fitted_on(
+    served_export, trained
+):
+    serving = served_export.outputs.serving
+    settings = json.loads((serving / "serving.json").read_text())
+    statistics, _ = ood.load(serving / "serving.npz")
+    loaded = runtime.load(settings["runtime"], serving / "model_features.tflite")
+    validation = read_image_set(trained.data_dir / "val")
+    features = loaded.run(validation.images)[runtime.FEATURES]
+    scores = statistics.score(served_export.serve.ood_score, features)
+    quantile = served_export.serve.ood_quantile
+    assert settings["ood_threshold"] == pytest.approx(np.quantile(scores, quantile), rel=1e-5)
+    # So the served model abstains as out of distribution on about 1 - quantile of them.
+    assert np.mean(scores > settings["ood_threshold"]) <= 1 - quantile + 1 / len(scores)

@@ -57,3 +57,17 @@ def test_the_report_says_drift_and_escapes_what_it_shows():
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert 'class="drift">drift</span>' in html
     assert html.count("data:image/png;base64,") == 2  # confidence and OOD score
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05])
+def test_the_ks_threshold_is_kolmogorovs_critical_value_for_the_two_sample_sizes(alpha):
+    from scipy.stats import kstwobign
+
+    rng = np.random.default_rng(4)
+    window, reference_values = rng.normal(size=300), rng.normal(size=500)
+    signal = monitor.ks_signal("confidence", window, reference_values, alpha)
+    # Kolmogorov's limit law: sqrt(n m / (n + m)) D exceeds kstwobign's (1 - alpha) quantile
+    # with probability alpha when the two samples come from one distribution.
+    expected = kstwobign.isf(alpha) * np.sqrt((300 + 500) / (300 * 500))
+    assert signal.threshold == pytest.approx(expected, rel=1e-3)
+    assert signal.drift == (signal.value > signal.threshold)

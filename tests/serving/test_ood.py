@@ -98,3 +98,24 @@ def test_shifted_images_keep_the_shape_and_type_and_change_the_pixels(kind):
     assert shifted.shape == images.shape and shifted.dtype == np.uint8
     assert not np.array_equal(shifted, images)
     np.testing.assert_array_equal(shifted_images(images, kind), shifted)  # deterministic
+
+
+def test_mahalanobis_uses_the_ledoit_wolf_covariance_of_the_centred_training_features():
+    from sklearn.covariance import LedoitWolf
+
+    # One direction spreads 100 times wider than the other: a step along it is ordinary,
+    # the same step across it is far. Plain Euclidean distance cannot tell the two apart.
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1], 200)
+    features = rng.normal(size=(400, 2)) * [10.0, 0.1] + np.where(labels[:, None] == 1, 30, 0)
+    statistics = ood.fit(features, labels, 2, np.zeros((2, 2)), np.zeros(2), temperature=1.0)
+    along, across = np.array([[5.0, 0.0]]), np.array([[0.0, 2.0]])
+    # Shrinkage evens the two out somewhat, and still the short step across is the far one.
+    assert statistics.mahalanobis(along)[0] < 1.0 < 2.0 < statistics.mahalanobis(across)[0]
+    # The value itself, from the shrunk covariance computed here, not the code's whitening.
+    means = np.stack([features[labels == k].mean(0) for k in (0, 1)])
+    covariance = LedoitWolf(assume_centered=True).fit(features - means[labels]).covariance_
+    precision = np.linalg.inv(covariance)
+    probe = np.array([[3.0, 0.2], [28.0, -0.3], [12.0, 0.05]])
+    expected = [min(np.sqrt((p - m) @ precision @ (p - m)) for m in means) for p in probe]
+    np.testing.assert_allclose(statistics.mahalanobis(probe), expected, rtol=1e-6)

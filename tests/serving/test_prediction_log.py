@@ -102,3 +102,31 @@ def test_a_log_file_that_is_a_link_is_refused(tmp_path):
     with pytest.raises(LogFolderError, match="symbolic link"):
         PredictionLog(tmp_path / "log", max_bytes=1000, backups=1)
     assert outside.read_text() == ""
+
+
+def test_a_line_that_is_not_utf8_is_skipped_and_counted(tmp_path, caplog):
+    log = PredictionLog(tmp_path, max_bytes=10**6, backups=1)
+    log.append(MODEL, images(2), rows(2), 0.001)
+    log.close()
+    with (tmp_path / LOG_FILE).open("ab") as damaged:
+        damaged.write(b'{"time": "2026-12-01T00:00:00+00:00", "model": "\xff"}\n')
+        damaged.write(b"not json at all\n")
+    log = PredictionLog(tmp_path, max_bytes=10**6, backups=1)
+    log.append(MODEL, images(1), rows(1, start=2), 0.001)
+    log.close()
+    with caplog.at_level("WARNING"):
+        window = read_window(tmp_path, 10)
+    assert [r["ood_score"] for r in window] == [3.0, 4.0, 5.0]
+    assert "skipped 2 unreadable lines" in caplog.text
+
+
+def test_one_large_request_cannot_pass_the_logs_bound(tmp_path):
+    max_bytes, backups = 2048, 1
+    log = PredictionLog(tmp_path, max_bytes=max_bytes, backups=backups)
+    log.append(MODEL, images(3000), rows(3000), 0.001)  # ~700 KB of lines in one request
+    log.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LOG_FILE, f"{LOG_FILE}.1"]
+    assert all(path.stat().st_size <= max_bytes for path in tmp_path.iterdir())
+    # What is kept is the newest lines, whole and in order.
+    window = read_window(tmp_path, 10_000)
+    assert [r["ood_score"] for r in window] == [3.0 + i for i in range(3000 - len(window), 3000)]

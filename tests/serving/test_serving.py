@@ -71,6 +71,9 @@ def test_pixel_arrays_of_any_size_are_resized_like_preprocessing():
         ),
         (pd.DataFrame({"image": [3.5]}), "image 0: expected image file bytes or base64 text"),
         ({"image": [b""]}, "image 0: empty file"),
+        # {"dataframe_records": [{"image": 5}]} as the server hands it to the model
+        ({"image": np.array([5])}, "column 'image' holds a number in each row, not an image"),
+        ({"image": np.array([[1, 2]])}, "'image' holds a list of numbers in each row"),
     ],
 )
 def test_unusable_input_is_refused_with_a_message_naming_it(model_input, message):
@@ -191,3 +194,12 @@ def test_registered_model_is_code_and_weights_with_labels_signature_and_example(
     assert len(example["dataframe_split"]["data"]) == 3
     requirements = (local / "requirements.txt").read_text()
     assert "keras==" in requirements and "pillow==" in requirements
+
+
+def test_a_requests_pixel_budget_is_checked_on_every_header_before_decoding():
+    files = [encode(Image.new("L", (100, 100))) for _ in range(3)]  # and "hello", no image:
+    with pytest.raises(serving.ImageTooLarge, match=r"hold 30,000 pixels, more than the 25,000"):
+        serving.to_batch({"image": [*files, "aGVsbG8="]}, SHAPE, "stretch", 10**6, 25_000)
+    assert serving.to_batch({"image": files}, SHAPE, "stretch", 10**6, 30_000).shape[0] == 3
+    with pytest.raises(serving.ImageTooLarge, match=r"hold 2,352 pixels, more than the 2,000"):
+        serving.to_batch(np.zeros((3, 28, 28, 1), np.uint8), SHAPE, "stretch", 10**6, 2000)

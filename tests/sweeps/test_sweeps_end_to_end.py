@@ -257,6 +257,7 @@ def test_a_search_stopped_by_ctrl_c_resumes_without_repeating_a_finished_trial(r
     assert process.returncode == 130, output
     before = children_states(repo, "search")
     assert "KILLED" in before.values(), before  # the trial Ctrl-C stopped
+    assert family(repo, "search")[0].info.status == "KILLED"  # and the sweep's parent run
     assert "RUNNING" not in before.values()
     finished_before = {name for name, state in before.items() if state == "FINISHED"}
     runs_before = {r.info.run_name: r.info.run_id for r in family(repo, "search")[1]}

@@ -99,10 +99,16 @@ def test_two_workers_reach_the_single_worker_result(two_workers_and_one, prepare
     reference = pd.read_csv(alone / "history.csv")
     assert list(history["epoch"]) == list(range(1, EPOCHS + 1))
     # Same global batches, shuffle and initial weights: every step is the single-worker step
-    # but the last of each epoch, whose partial batch the workers split unevenly. So the
-    # first epoch's training loss (the mean over its steps) is the same, and then the two
-    # drift apart by rounding-sized amounts.
-    np.testing.assert_allclose(history["loss"][0], reference["loss"][0], rtol=1e-5)
+    # but the last of each epoch, whose partial batch the workers split unevenly. The sums
+    # are not in the same order, though: each worker reduces its half of a batch and the
+    # all-reduce adds the halves, where one process reduces the whole batch in one oneDNN
+    # kernel, blocked as oneDNN picks for the CPU. The gradients then differ in their last
+    # bits, and Adam divides each by its own running scale, so where a gradient is near zero
+    # that rounding moves a weight by up to the learning rate. Over the first epoch's 40
+    # steps that reached 1.9e-5 of the loss on an AMD EPYC with AVX-512 BF16 (float32
+    # throughout) and stays under 1e-5 on others. A different shuffle or initialisation
+    # moves the first epoch's loss by percents, so 1e-3 still tells the same run apart.
+    np.testing.assert_allclose(history["loss"][0], reference["loss"][0], rtol=1e-3)
     np.testing.assert_allclose(history["loss"], reference["loss"], rtol=0.02)
     np.testing.assert_allclose(history["val_accuracy"], reference["val_accuracy"], atol=0.02)
     test = read_image_set(prepared_digits / "test")
