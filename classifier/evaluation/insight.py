@@ -164,23 +164,50 @@ def class_score_gradients(head: keras.Model, features: object, classes: np.ndarr
     raise NotImplementedError(f"Grad-CAM has no gradient for the Keras backend {backend!r}")
 
 
+def pooling_window(model: keras.Model, layer: str) -> tuple[int, int]:
+    """The window of the max pooling that takes ``layer``'s map as it is; (1, 1) if none."""
+    output = model.get_layer(layer).output
+    for candidate in model.layers:
+        if isinstance(candidate, keras.layers.MaxPooling2D) and candidate.input is output:
+            return tuple(candidate.pool_size)
+    return (1, 1)
+
+
 def class_activation_maps(
     model: keras.Model, images: np.ndarray, classes: np.ndarray, layer: str | None = None
 ) -> np.ndarray:
     """Grad-CAM of ``classes[i]`` on ``images[i]`` at the feature map's size, each in 0..1.
 
     The feature map is ``layer``'s output; by default the last one (the input of the layer
-    that makes it a vector).
+    that makes it a vector). Each cell's channels are weighed by their own gradient (the
+    element-wise Grad-CAM of HiResCAM, Draper and Lo 2020): a map before more layers and a
+    ``Flatten`` matters by where it fires, which Grad-CAM's gradient averaged over the map
+    forgets. Before a global average pooling the gradient is the same everywhere, and both
+    are the class activation map. Before a max pooling, whose gradient reaches one cell of
+    each window, the cells' sums are averaged over that window (one cell fewer each way).
     """
     scored = with_logits(single_view(model))
     feature_map = scored.get_layer(layer).output if layer else last_feature_map(scored)
     features = keras.Model(scored.inputs[0], feature_map)(images, training=False)
     head = keras.Model(feature_map, scored.get_layer(LOGITS_LAYER).output)
     gradients = class_score_gradients(head, features, np.asarray(classes))
-    weights = keras.ops.mean(gradients, axis=(1, 2), keepdims=True)
-    maps = keras.ops.relu(keras.ops.sum(weights * features, axis=-1))
+    evidence = keras.ops.sum(gradients * features, axis=-1, keepdims=True)
+    window = pooling_window(scored, feature_map._keras_history.operation.name)
+    if window != (1, 1):
+        evidence = keras.ops.average_pool(evidence, window, strides=1, padding="valid")
+    maps = keras.ops.relu(evidence[..., 0])
     peak = keras.ops.max(maps, axis=(1, 2), keepdims=True)
     return keras.ops.convert_to_numpy(maps / keras.ops.maximum(peak, 1e-12))
+
+
+def cam_geometry(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where :func:`class_activation_maps` of ``layer`` sits on the image (see
+    :func:`map_geometry`): a pooling window's average is centred on the window."""
+    geometry = map_geometry(model, layer)
+    if geometry is None:
+        return None
+    offset, stride = geometry
+    return offset + stride * (np.array(pooling_window(model, layer)) - 1) / 2, stride
 
 
 def grad_cam(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -191,7 +218,7 @@ def grad_cam(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> np.
     model = single_view(model)
     layer = cam_layer(model)
     maps = class_activation_maps(model, images, classes, layer)
-    return np.clip(map_to_image(maps, images.shape[1:3], map_geometry(model, layer)), 0.0, 1.0)
+    return np.clip(map_to_image(maps, images.shape[1:3], cam_geometry(model, layer)), 0.0, 1.0)
 
 
 def _window(layer: keras.layers.Layer) -> tuple[tuple[int, int], tuple[int, int], str] | None:
@@ -552,8 +579,8 @@ def gradcam_panel(
         2 * columns,
         captions,
         f"{title}\nBeside each image: where the evidence for its predicted class lies, by "
-        f"Grad-CAM of\n{layer}.\nHeat off the strokes is evidence too: ink missing there "
-        "(an empty middle says 0, not 8).",
+        f"Grad-CAM (cell by cell) of\n{layer}.\nHeat off the strokes is evidence too: "
+        "ink missing there (an empty middle says 0, not 8).",
         inches_per_tile=1.0,
         group=2,
         colour_bar=HEAT_BAR,

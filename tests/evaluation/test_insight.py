@@ -40,8 +40,10 @@ def corner_images(count: int, seed: int) -> ImageSet:
 
 @pytest.mark.slow
 def test_grad_cam_lights_up_the_corner_a_model_was_trained_to_look_at():
-    # The reference CNN's last map is 3x3: the corner is its top-left cell. (The other
-    # architectures' maps are checked against the definition below, untrained.)
+    # The reference CNN's last map is 3x3; Grad-CAM weighs conv2's, 11x11, cell by cell,
+    # which tells the corner from the same square elsewhere. (Grad-CAM's map-wide average
+    # of the gradient did not: 25 % of its maps were empty, and the other square as hot.)
+    # The other architectures' maps are checked against the definition below, untrained.
     keras.utils.set_random_seed(0)
     train, test = corner_images(600, seed=1), corner_images(40, seed=2)
     model = build_model("reference_cnn", (SIZE, SIZE, 1), 2)
@@ -144,6 +146,13 @@ def test_grad_cam_weighs_a_map_fine_enough_to_point_somewhere():
     # around it, half a pixel (a quarter of a step) away, get 0.75 * 0.75 of it.
     np.testing.assert_allclose(heat[0, 7:9, 13:15], 0.5625)
     assert heat[0].sum() == pytest.approx(heat[0, 4:12, 10:18].sum())  # nothing beyond a step
+    # The gradient through pool2 reaches one cell of each 2x2 window, so Grad-CAM averages
+    # each window: 10x10 cells, centred half a cell (one pixel) further on.
+    assert insight.pooling_window(reference, "conv2") == (2, 2)
+    offset, stride = insight.cam_geometry(reference, "conv2")
+    np.testing.assert_allclose(offset, [4.5, 4.5])
+    images = np.zeros((1, SIZE, SIZE, 1), np.uint8)
+    assert insight.class_activation_maps(reference, images, [0], "conv2").shape == (1, 10, 10)
     # small_bn_cnn's last map is 7x7 already: that one.
     small = build_model("small_bn_cnn", (SIZE, SIZE, 1), 10)
     assert (
