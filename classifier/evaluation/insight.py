@@ -580,7 +580,7 @@ def gradcam_panel(
         captions,
         f"{title}\nBeside each image: where the evidence for its predicted class lies, by "
         f"Grad-CAM (cell by cell) of\n{layer}.\nHeat off the strokes is evidence too: "
-        "ink missing there (an empty middle says 0, not 8).",
+        "strokes missing there (a digit's empty middle says 0, not 8).",
         inches_per_tile=1.0,
         group=2,
         colour_bar=HEAT_BAR,
@@ -669,7 +669,8 @@ def panel_figure(panel: Panel):
     from matplotlib.cm import ScalarMappable
 
     canvas = panel.canvas()
-    bar = COLOUR_BAR_INCHES if panel.colour_bar else 0.0
+    scale = panel.colour_bar if len(panel.tiles) else None
+    bar = COLOUR_BAR_INCHES if scale else 0.0
     image_width = min(MAX_WIDTH_INCHES - bar, panel.inches_per_tile * panel.columns)
     width = image_width + 2 * MARGIN_INCHES + bar
     title = TITLE_INCHES + TITLE_LINE_INCHES * panel.title.count("\n")
@@ -699,8 +700,7 @@ def panel_figure(panel: Panel):
             )
     if not len(panel.tiles):
         axes.text(canvas.shape[1] / 2, canvas.shape[0] / 2, "none", ha="center", va="center")
-    if panel.colour_bar:
-        scale = panel.colour_bar
+    if scale:
         bar_height = min(0.8 * image_height, COLOUR_BAR_MAX_INCHES)
         bar_axes = figure.add_axes(
             (
