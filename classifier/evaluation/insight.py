@@ -116,16 +116,25 @@ def cam_layer(model: keras.Model) -> str:
         except ValueError:
             continue
         return layer.name
-    return next(layer.name for layer in model.layers if layer.output is last)
+    return last._keras_history.operation.name
+
+
+def feature_tensor(model: keras.Model, layer: str) -> keras.KerasTensor:
+    """``layer``'s output in ``model``'s graph (a nested backbone's own output tensor is
+    in its own graph: the outer one is the last feature map)."""
+    last = last_feature_map(model)
+    if last._keras_history.operation.name == layer:
+        return last
+    return model.get_layer(layer).output
 
 
 def cam_layer_note(model: keras.Model) -> str:
     """Which map Grad-CAM weighs, and why, in words for a picture's title."""
     scored = single_view(model)
     name = cam_layer(scored)
-    height, width = scored.get_layer(name).output.shape[1:3]
+    height, width = feature_tensor(scored, name).shape[1:3]
     last = last_feature_map(scored)
-    if scored.get_layer(name).output is last:
+    if feature_tensor(scored, name) is last:
         return f"{name} ({height}x{width}), the last feature map"
     return (
         f"{name} ({height}x{width}): the last convolution block of at least "
@@ -166,7 +175,7 @@ def class_score_gradients(head: keras.Model, features: object, classes: np.ndarr
 
 def pooling_window(model: keras.Model, layer: str) -> tuple[int, int]:
     """The window of the max pooling that takes ``layer``'s map as it is; (1, 1) if none."""
-    output = model.get_layer(layer).output
+    output = feature_tensor(model, layer)
     for candidate in model.layers:
         if isinstance(candidate, keras.layers.MaxPooling2D) and candidate.input is output:
             return tuple(candidate.pool_size)
@@ -187,7 +196,7 @@ def class_activation_maps(
     each window, the cells' sums are averaged over that window (one cell fewer each way).
     """
     scored = with_logits(single_view(model))
-    feature_map = scored.get_layer(layer).output if layer else last_feature_map(scored)
+    feature_map = feature_tensor(scored, layer) if layer else last_feature_map(scored)
     features = keras.Model(scored.inputs[0], feature_map)(images, training=False)
     head = keras.Model(feature_map, scored.get_layer(LOGITS_LAYER).output)
     gradients = class_score_gradients(head, features, np.asarray(classes))
@@ -244,7 +253,7 @@ def map_geometry(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray
     input; None when a layer on the way moves pixels in a way this does not know (a nested
     backbone, an upsampling): the map is then stretched over the image."""
     path = []
-    tensor = model.get_layer(layer).output
+    tensor = feature_tensor(model, layer)
     while True:
         operation = tensor._keras_history.operation
         if isinstance(operation, keras.layers.InputLayer):

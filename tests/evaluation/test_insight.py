@@ -191,6 +191,10 @@ def test_grad_cam_is_the_class_activation_map_for_flat_and_nested_models(archite
     # A temperature divides every logit alike: the same maps for the calibrated model.
     calibrated = insight.class_activation_maps(with_temperature(model, 2.5), images, classes)
     np.testing.assert_allclose(calibrated, expected, atol=1e-4)
+    # The pictures' Grad-CAM (at cam_layer, on the pixels): one map per image, its peak
+    # 1 (a little less where the peak cell's centre falls between pixels).
+    heat = insight.grad_cam(model, images, classes)
+    assert heat.shape == images.shape[:3] and np.all(heat.max(axis=(1, 2)) > 0.9)
 
 
 def test_feature_map_of_a_known_filter_equals_the_convolution_by_hand():
