@@ -1,8 +1,12 @@
 """Compare two training runs side by side, from what MLflow recorded about them.
 
 One self-contained HTML page (pictures embedded): the params that differ, metric deltas,
-per-class deltas, the test images one model gets right and the other wrong, and both
-training curves overlaid. Runs are read through classifier.tracking.
+per-class deltas, the paired test of the two models on the same test images (McNemar's
+exact test, as promotion runs it: classifier/export/promotion.py), the test images one
+model gets right and the other wrong, and both runs' training curves (training and
+validation loss and accuracy per epoch) overlaid. Runs are read through
+classifier.tracking; the curves come from each run's ``history.csv`` artifact (Keras's
+column names, mapped from MLflow's by classifier/tracking/names.py).
 """
 
 from __future__ import annotations
@@ -24,13 +28,20 @@ from classifier.atomic import write_text
 from classifier.data.dataset import ImageSet, read_image_set
 from classifier.errors import StageError
 from classifier.evaluation.plots import image_grid_figure, plt, save
+from classifier.export.promotion import CONFIDENCE, Paired, compare_paired
 from classifier.serving.pyfunc import probabilities_of
-from classifier.tracking import registry, runs, store
+from classifier.tracking import names, registry, runs, store
 
 log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 SHOWN_PER_GRID = 18
+ALPHA = 1 - CONFIDENCE  # the paired test's level: 5 %, as the interval's 95 %
+# The curves: one pane per measure, training dashed and validation solid, a colour per run.
+CURVES = {
+    "loss": (names.TRAIN_LOSS, names.VAL_LOSS),
+    "accuracy": (names.epoch_metric("accuracy"), names.epoch_metric("val_accuracy")),
+}
 MAX_CANDIDATES_LISTED = 10
 PAGE = (
     "<!doctype html><html><head><meta charset='utf-8'><title>Run comparison</title><style>"
@@ -177,18 +188,58 @@ def _png(figure: Any) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _curves(a: RunView, b: RunView) -> Any:
-    figure, panes = plt.subplots(1, 2, figsize=(10, 4))
-    for pane, metric in zip(panes, ("val_accuracy", "val_loss"), strict=True):
-        for view, name in ((a, "A"), (b, "B")):
-            if metric in view.history:
-                pane.plot(
-                    view.history["epoch"],
-                    view.history[metric],
-                    marker="o",
-                    label=f"{name}: {view.label}",
-                )
-        pane.set(xlabel="epoch", title=metric.replace("_", " "))
+def paired_test(a: RunView, b: RunView, test: ImageSet) -> Paired:
+    """McNemar's exact test of B against A on the same test images, and the 95 % interval
+    of B's accuracy minus A's (promotion's, with B as the challenger)."""
+    return compare_paired(b.predicted == test.labels, a.predicted == test.labels)
+
+
+def describe_paired(paired: Paired) -> str:
+    """The paired test in words, as HTML."""
+    if paired.challenger_only + paired.champion_only == 0:
+        return (
+            f"<p>Both models get the same {paired.images} test images right: "
+            "no difference to test.</p>"
+        )
+    verdict = (
+        f"the difference is <b>significant</b> at the {ALPHA:.0%} level: "
+        f"<b>{'B' if paired.difference > 0 else 'A'}</b> is the better model on this test set"
+        if paired.p_two_sided < ALPHA
+        else f"the difference is <b>not significant</b> at the {ALPHA:.0%} level: "
+        "it could be chance"
+    )
+    return (
+        f"<p>On the same {paired.images} test images, B gets <b>{paired.challenger_only}</b> "
+        f"right that A gets wrong, and A gets <b>{paired.champion_only}</b> right that B gets "
+        "wrong; on the others they agree.</p>"
+        f"<p>B's accuracy minus A's: <b>{100 * paired.difference:+.1f} points</b> "
+        f"({CONFIDENCE:.0%} interval {100 * paired.ci_low:+.1f} to "
+        f"{100 * paired.ci_high:+.1f}).</p>"
+        "<p>McNemar's exact test: were the two models equally good, each of those "
+        f"{paired.challenger_only + paired.champion_only} images would be as likely to go "
+        "either way, and a split at least this uneven would happen with probability "
+        f"p = {paired.p_two_sided:.3g} (two-sided). So {verdict}.</p>"
+    )
+
+
+def training_curves(a: RunView, b: RunView) -> Any:
+    """Training (dashed) and validation (solid) loss and accuracy per epoch, both runs."""
+    figure, panes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for pane, (measure, metrics) in zip(panes, CURVES.items(), strict=True):
+        for (view, name), colour in zip(((a, "A"), (b, "B")), ("C0", "C1"), strict=True):
+            for metric, style in zip(metrics, ("--", "-"), strict=True):
+                column = names.keras_name(metric)
+                if column in view.history:
+                    pane.plot(
+                        view.history["epoch"],
+                        view.history[column],
+                        style,
+                        color=colour,
+                        marker="o",
+                        markersize=3,
+                        label=f"{name} {metric.split('/')[0]}: {view.label}",
+                    )
+        pane.set(xlabel="epoch", ylabel=measure, title=f"{measure.capitalize()} per epoch")
         pane.grid(alpha=0.3)
         pane.legend(fontsize=7)
     figure.tight_layout()
@@ -213,8 +264,11 @@ def build_report(a: RunView, b: RunView, test: ImageSet | None) -> tuple[str, di
         "metrics": metrics,
         "per_class": classes,
         "disagreements": {},
+        "paired": None,
     }
     if test is not None and a.predicted is not None and b.predicted is not None:
+        paired = numbers["paired"] = paired_test(a, b, test)
+        parts += ["<h2>Is B better than A? The paired test</h2>", describe_paired(paired)]
         parts.append("<h2>Where they disagree (test split)</h2>")
         for title, indices in disagreements(a, b, test).items():
             numbers["disagreements"][title] = indices
@@ -230,7 +284,11 @@ def build_report(a: RunView, b: RunView, test: ImageSet | None) -> tuple[str, di
                 test.images[shown], captions, f"{title}: {len(indices)} images"
             )
             parts += [f"<h3>{title}: {len(indices)}</h3>", _png(figure)]
-    parts += ["<h2>Training curves</h2>", _png(_curves(a, b))]
+    parts += [
+        "<h2>Training curves</h2>",
+        "<p>Dashed: training; solid: validation. Blue: A; orange: B.</p>",
+        _png(training_curves(a, b)),
+    ]
     page = PAGE.format(body="".join(parts))
     return page, numbers
 

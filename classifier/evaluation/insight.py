@@ -13,8 +13,14 @@ function, :func:`class_score_gradients`: Keras 3 has no backend-agnostic gradien
 (keras-team/keras#19220, #20760: "use backend specific APIs"), so it holds one short branch
 per backend, TensorFlow's ``GradientTape``, ``jax.grad`` and torch's autograd.
 
+Grad-CAM weighs a feature map fine enough to point somewhere: the last convolution block
+whose map is at least ``CAM_MIN_SIZE`` pixels on each side (:func:`cam_layer`); the last
+map of the reference CNN is 3x3, so it uses ``conv2`` (11x11, before the last pooling).
+
 The pictures are mosaics: each is one image drawn once, with captions, which keeps them
-cheap (a figure with a hundred small axes takes seconds to draw).
+cheap (a figure with a hundred small axes takes seconds to draw). A Grad-CAM picture puts
+each image beside its heat map, the image's strokes drawn dark over the heat's colours,
+with a colour bar.
 
 A model that averages each image with its mirror (``train.tta: hflip``,
 classifier/model/tta.py) is looked into one view at a time: the pictures show the network
@@ -42,11 +48,20 @@ CLASSES_SHOWN = 10  # rows of the feature maps and of the correct Grad-CAMs, at 
 CHANNELS_SHOWN = 12  # feature maps per image: the channels that vary most on the shown images
 FILTERS_SHOWN = 64
 FEATURE_MAP_INCHES = 0.7  # a feature-map tile's width on the page
-FILTER_INCHES = 0.5
+FILTER_INCHES = 0.6
 MAX_WIDTH_INCHES = 12.0
 MARGIN_INCHES = 0.1
-TITLE_INCHES = 0.5
-HEAT_ALPHA = 0.45  # how much of a Grad-CAM tile is heat, the rest the image
+TITLE_INCHES = 0.4  # the title's first line
+TITLE_LINE_INCHES = 0.2  # each further line
+COLOUR_BAR_INCHES = 1.6
+COLOUR_BAR_MAX_INCHES = 3.0
+CAM_MIN_SIZE = 7  # Grad-CAM's feature map: at least this many pixels on each side, if any is
+HEAT_COLOURS = "YlOrRd"  # sequential, light at 0: heat off the strokes stays visible
+STROKE_SHADE = 0.85  # how dark the image's strokes are drawn over the heat's colours
+FILTER_ZOOM = 8  # pixels per kernel weight in filters.png
+FILTER_GAP = 4  # pixels between two filters
+FILTER_BACKGROUND = (0.78, 0.85, 0.93)  # pale blue: no weight's grey looks like it
+CAPTION_POINTS = 9
 INSIGHT_DIR = "insight"  # the pictures' folder inside the evaluate plots folder
 # Layers that end a convolution block: the last of these at each spatial size.
 BLOCK_LAYERS = (
@@ -81,6 +96,52 @@ def last_feature_map(model: keras.Model) -> keras.KerasTensor:
     raise ValueError(f"model {model.name} has no layer that turns a feature map into a vector")
 
 
+def cam_layer(model: keras.Model) -> str:
+    """The name of the layer whose output Grad-CAM weighs.
+
+    The last convolution block (see :func:`_block_ends`) whose map is at least
+    ``CAM_MIN_SIZE`` on each side: the last map of a small network is often too coarse to
+    point anywhere (the reference CNN's is 3x3, so this is ``conv2``, 11x11). Without one
+    (a nested backbone, or small maps only), the last feature map.
+    """
+    last = last_feature_map(model)
+    fine = [
+        layer for layer in _block_ends(model.layers) if min(layer.output.shape[1:3]) >= CAM_MIN_SIZE
+    ]
+    for layer in reversed(fine):
+        if layer.output is last:
+            return layer.name
+        try:  # a map that feeds the rest only through itself (no skip around it)
+            keras.Model(layer.output, last)
+        except ValueError:
+            continue
+        return layer.name
+    return last._keras_history.operation.name
+
+
+def feature_tensor(model: keras.Model, layer: str) -> keras.KerasTensor:
+    """``layer``'s output in ``model``'s graph (a nested backbone's own output tensor is
+    in its own graph: the outer one is the last feature map)."""
+    last = last_feature_map(model)
+    if last._keras_history.operation.name == layer:
+        return last
+    return model.get_layer(layer).output
+
+
+def cam_layer_note(model: keras.Model) -> str:
+    """Which map Grad-CAM weighs, and why, in words for a picture's title."""
+    scored = single_view(model)
+    name = cam_layer(scored)
+    height, width = feature_tensor(scored, name).shape[1:3]
+    last = last_feature_map(scored)
+    if feature_tensor(scored, name) is last:
+        return f"{name} ({height}x{width}), the last feature map"
+    return (
+        f"{name} ({height}x{width}): the last convolution block of at least "
+        f"{CAM_MIN_SIZE}x{CAM_MIN_SIZE}; the last map is {last.shape[1]}x{last.shape[2]}"
+    )
+
+
 def class_score_gradients(head: keras.Model, features: object, classes: np.ndarray) -> object:
     """d(score of ``classes[i]`` for image i) / d(``features``), for every image at once.
 
@@ -112,28 +173,146 @@ def class_score_gradients(head: keras.Model, features: object, classes: np.ndarr
     raise NotImplementedError(f"Grad-CAM has no gradient for the Keras backend {backend!r}")
 
 
+def pooling_window(model: keras.Model, layer: str) -> tuple[int, int]:
+    """The window of the max pooling that takes ``layer``'s map as it is; (1, 1) if none."""
+    output = feature_tensor(model, layer)
+    for candidate in model.layers:
+        if isinstance(candidate, keras.layers.MaxPooling2D) and candidate.input is output:
+            return tuple(candidate.pool_size)
+    return (1, 1)
+
+
 def class_activation_maps(
-    model: keras.Model, images: np.ndarray, classes: np.ndarray
+    model: keras.Model, images: np.ndarray, classes: np.ndarray, layer: str | None = None
 ) -> np.ndarray:
-    """Grad-CAM of ``classes[i]`` on ``images[i]`` at the feature map's size, each in 0..1."""
+    """Grad-CAM of ``classes[i]`` on ``images[i]`` at the feature map's size, each in 0..1.
+
+    The feature map is ``layer``'s output; by default the last one (the input of the layer
+    that makes it a vector). Each cell's channels are weighed by their own gradient (the
+    element-wise Grad-CAM of HiResCAM, Draper and Lo 2020): a map before more layers and a
+    ``Flatten`` matters by where it fires, which Grad-CAM's gradient averaged over the map
+    forgets. Before a global average pooling the gradient is the same everywhere, and both
+    are the class activation map. Before a max pooling, whose gradient reaches one cell of
+    each window, the cells' sums are averaged over that window (one cell fewer each way).
+    """
     scored = with_logits(single_view(model))
-    feature_map = last_feature_map(scored)
+    feature_map = feature_tensor(scored, layer) if layer else last_feature_map(scored)
     features = keras.Model(scored.inputs[0], feature_map)(images, training=False)
     head = keras.Model(feature_map, scored.get_layer(LOGITS_LAYER).output)
     gradients = class_score_gradients(head, features, np.asarray(classes))
-    weights = keras.ops.mean(gradients, axis=(1, 2), keepdims=True)
-    maps = keras.ops.relu(keras.ops.sum(weights * features, axis=-1))
+    evidence = keras.ops.sum(gradients * features, axis=-1, keepdims=True)
+    window = pooling_window(scored, feature_map._keras_history.operation.name)
+    if window != (1, 1):
+        evidence = keras.ops.average_pool(evidence, window, strides=1, padding="valid")
+    maps = keras.ops.relu(evidence[..., 0])
     peak = keras.ops.max(maps, axis=(1, 2), keepdims=True)
     return keras.ops.convert_to_numpy(maps / keras.ops.maximum(peak, 1e-12))
 
 
+def cam_geometry(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where :func:`class_activation_maps` of ``layer`` sits on the image (see
+    :func:`map_geometry`): a pooling window's average is centred on the window."""
+    geometry = map_geometry(model, layer)
+    if geometry is None:
+        return None
+    offset, stride = geometry
+    return offset + stride * (np.array(pooling_window(model, layer)) - 1) / 2, stride
+
+
 def grad_cam(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Grad-CAM of ``classes[i]`` on ``images[i]``, resized to the images, each in 0..1."""
+    """Grad-CAM of ``classes[i]`` on ``images[i]`` at :func:`cam_layer`, brought to the
+    images' pixels (:func:`map_to_image`), each in 0..1."""
     if not len(images):
         return np.zeros(images.shape[:3], np.float32)
-    maps = class_activation_maps(model, images, classes)
-    resized = keras.ops.image.resize(maps[..., None], images.shape[1:3], interpolation="bilinear")
-    return np.clip(keras.ops.convert_to_numpy(resized)[..., 0], 0.0, 1.0)
+    model = single_view(model)
+    layer = cam_layer(model)
+    maps = class_activation_maps(model, images, classes, layer)
+    return np.clip(map_to_image(maps, images.shape[1:3], cam_geometry(model, layer)), 0.0, 1.0)
+
+
+def _window(layer: keras.layers.Layer) -> tuple[tuple[int, int], tuple[int, int], str] | None:
+    """A convolution's or pooling's (window, strides, padding), dilation folded into the
+    window; None for a layer that keeps every pixel where it is."""
+    if isinstance(layer, keras.layers.Conv2D | keras.layers.DepthwiseConv2D):
+        kernel, dilation = layer.kernel_size, layer.dilation_rate
+        size = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True))
+        return size, tuple(layer.strides), layer.padding
+    if isinstance(layer, keras.layers.MaxPooling2D | keras.layers.AveragePooling2D):
+        return tuple(layer.pool_size), tuple(layer.strides), layer.padding
+    return None
+
+
+def _first(tensors: object) -> keras.KerasTensor:
+    """A layer's input, or the first of its inputs (a merge's main path)."""
+    return tensors[0] if isinstance(tensors, list | tuple) else tensors
+
+
+def map_geometry(model: keras.Model, layer: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where ``layer``'s map sits on the image: cell ``i`` of axis ``a`` is centred on pixel
+    ``offset[a] + stride[a] * i``. Followed back to the input through each layer's (first)
+    input; None when a layer on the way moves pixels in a way this does not know (a nested
+    backbone, an upsampling): the map is then stretched over the image."""
+    path = []
+    tensor = feature_tensor(model, layer)
+    while True:
+        operation = tensor._keras_history.operation
+        if isinstance(operation, keras.layers.InputLayer):
+            break
+        path.append(operation)
+        tensor = _first(operation.input)
+    offset, stride = np.zeros(2), np.ones(2)
+    for operation in reversed(path):
+        before, after = _first(operation.input), operation.output
+        if len(before.shape) != 4 or len(after.shape) != 4:
+            return None
+        window = _window(operation)
+        if window is None:
+            if tuple(before.shape[1:3]) != tuple(after.shape[1:3]):
+                return None
+            continue
+        size, steps, padding = window
+        for axis in range(2):
+            pad = 0
+            if padding == "same":
+                need = (after.shape[axis + 1] - 1) * steps[axis] + size[axis]
+                pad = max(need - before.shape[axis + 1], 0) // 2
+            offset[axis] += stride[axis] * ((size[axis] - 1) / 2 - pad)
+            stride[axis] *= steps[axis]
+    return offset, stride
+
+
+def _interpolation(cells: int, pixels: int, offset: float, stride: float) -> np.ndarray:
+    """(pixels, cells) weights of linear interpolation between cell centres, the nearest
+    cell beyond the first and last."""
+    position = np.clip((np.arange(pixels) - offset) / stride, 0, cells - 1)
+    low = np.minimum(np.floor(position).astype(int), max(cells - 2, 0))
+    weights = np.zeros((pixels, cells))
+    rows = np.arange(pixels)
+    if cells == 1:
+        weights[:, 0] = 1.0
+        return weights
+    fraction = position - low
+    weights[rows, low] = 1 - fraction
+    weights[rows, low + 1] = fraction
+    return weights
+
+
+def map_to_image(
+    maps: np.ndarray,
+    size: tuple[int, int],
+    geometry: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
+    """``maps`` (N, h, w) at the image's ``size``, each cell's value on the pixel it is
+    centred on and interpolated between; stretched over the image without ``geometry``."""
+    (height, width), (cells_down, cells_across) = size, maps.shape[1:3]
+    if geometry is None:  # cell centres spread evenly over the image
+        offset = np.array([height / cells_down - 1, width / cells_across - 1]) / 2
+        stride = np.array([height / cells_down, width / cells_across])
+    else:
+        offset, stride = geometry
+    down = _interpolation(cells_down, height, offset[0], stride[0])
+    across = _interpolation(cells_across, width, offset[1], stride[1])
+    return np.einsum("yi,nij,xj->nyx", down, maps, across).astype(np.float32)
 
 
 # --- Feature maps and filters ----------------------------------------------------------------
@@ -196,15 +375,39 @@ def caption_space(tile_height: int) -> int:
     return max(2, tile_height // 3)
 
 
-def mosaic(tiles: np.ndarray, columns: int, gap: int = 1, top: int = 0) -> np.ndarray:
-    """``tiles`` (N, height, width, channels) in rows of ``columns`` on white, ``gap``
-    pixels apart, with ``top`` pixels above each row (for captions)."""
+def tile_left(column: int, width: int, gap: int, group: int) -> int:
+    """The first pixel column of tile ``column``: ``gap`` between tiles, and as much again
+    between groups of ``group`` tiles (an image and its heat map)."""
+    return column * (width + gap) + (column // group) * gap * (group > 1)
+
+
+def tile_top(row: int, height: int, gap: int, top: int) -> int:
+    """The first pixel row of row ``row`` of tiles: ``top`` pixels of captions above each,
+    ``gap`` between rows."""
+    return row * (top + height + gap) + top
+
+
+def mosaic(
+    tiles: np.ndarray,
+    columns: int,
+    gap: int = 1,
+    top: int = 0,
+    group: int = 1,
+    background: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """``tiles`` (N, height, width, 3) in rows of ``columns`` on ``background``, ``gap``
+    pixels apart (twice that between groups of ``group``), ``top`` pixels above each row
+    (for captions)."""
     count, height, width, channels = tiles.shape
     rows = max(1, -(-count // columns))
-    canvas = np.ones((rows * (top + height), columns * (width + gap) - gap, channels), np.float32)
+    bottom = tile_top(rows - 1, height, gap, top) + height
+    right = tile_left(columns - 1, width, gap, group) + width
+    canvas = np.empty((bottom, right, channels), np.float32)
+    canvas[...] = np.asarray(background, np.float32)[:channels]
     for index, tile in enumerate(tiles):
         row, column = divmod(index, columns)
-        first_row, first_column = row * (top + height) + top, column * (width + gap)
+        first_row = tile_top(row, height, gap, top)
+        first_column = tile_left(column, width, gap, group)
         canvas[first_row : first_row + height, first_column : first_column + width] = tile
     return canvas
 
@@ -215,12 +418,22 @@ def as_rgb(images: np.ndarray) -> np.ndarray:
     return np.repeat(scaled, 3, axis=-1) if scaled.shape[-1] == 1 else scaled
 
 
+def strokes(images: np.ndarray) -> np.ndarray:
+    """How far each pixel is from its image's background (the median brightness of its
+    border), 0..1: the strokes of a digit, light on dark or dark on light."""
+    grey = as_rgb(images).mean(axis=-1)
+    border = np.concatenate([grey[:, 0], grey[:, -1], grey[:, 1:-1, 0], grey[:, 1:-1, -1]], axis=1)
+    background = np.median(border, axis=1)[:, None, None]
+    return normalised(np.abs(grey - background), axes=(1, 2))
+
+
 def heat_overlay(images: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """Each image (as RGB) blended with its heatmap in the jet colour map."""
+    """Each heat map in ``HEAT_COLOURS``, its image's strokes drawn dark over it: the
+    digit stays readable, and so does heat off the strokes."""
     from matplotlib import colormaps
 
-    coloured = colormaps["jet"](heat)[..., :3]
-    return (1 - HEAT_ALPHA) * as_rgb(images) + HEAT_ALPHA * coloured
+    coloured = colormaps[HEAT_COLOURS](heat)[..., :3]
+    return coloured * (1 - STROKE_SHADE * strokes(images))[..., None]
 
 
 def normalised(maps: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -268,6 +481,11 @@ def filter_tiles(kernel: np.ndarray, count: int = FILTERS_SHOWN) -> np.ndarray:
     return tiles
 
 
+def zoomed(tiles: np.ndarray, factor: int) -> np.ndarray:
+    """Each tile ``factor`` times larger, every pixel a square (for gaps narrower than one)."""
+    return np.repeat(np.repeat(tiles, factor, axis=1), factor, axis=2)
+
+
 # --- Which test images ------------------------------------------------------------------------
 
 
@@ -300,23 +518,48 @@ def one_per_class(labels: np.ndarray, classes: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class ColourBar:
+    """The scale beside a picture: a matplotlib colour map over 0..1, labelled."""
+
+    colours: str
+    label: str
+    ticks: tuple[float, ...] = (0.0, 0.5, 1.0)
+    tick_labels: tuple[str, ...] = ("0", "0.5", "1")
+
+
+@dataclass(frozen=True)
 class Panel:
-    """Tiles to draw in rows of ``columns``, a caption above each ("" for none), a title."""
+    """Tiles to draw in rows of ``columns``, a caption above each group of ``group`` tiles
+    ("" for none), a title (lines apart by "\n"), and the colour bar of the tiles' scale."""
 
     tiles: np.ndarray  # (N, height, width, 3), RGB in 0..1
     columns: int
-    captions: list[str]
+    captions: list[str]  # one per group of ``group`` tiles
     title: str
     inches_per_tile: float = 1.25  # on the page: small tiles are cheaper to draw and save
+    group: int = 1
+    gap: int = 1
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    colour_bar: ColourBar | None = None
 
     @property
     def tile_shape(self) -> tuple[int, int]:
         return self.tiles.shape[1], self.tiles.shape[2]
 
+    @property
+    def top(self) -> int:
+        return caption_space(self.tile_shape[0]) if any(self.captions) else 0
+
     def canvas(self) -> np.ndarray:
         """The one image the picture draws."""
-        top = caption_space(self.tile_shape[0]) if any(self.captions) else 0
-        return mosaic(self.tiles, self.columns, top=top)
+        return mosaic(self.tiles, self.columns, self.gap, self.top, self.group, self.background)
+
+
+HEAT_BAR = ColourBar(
+    HEAT_COLOURS,
+    "Grad-CAM heat: evidence for the predicted class",
+    tick_labels=("0 (none)", "0.5", "1 (the most)"),
+)
 
 
 def gradcam_panel(
@@ -327,16 +570,30 @@ def gradcam_panel(
     title: str,
     columns: int,
 ) -> Panel:
-    """Grad-CAM of the predicted class on each of ``test``'s ``indices``."""
+    """Each of ``test``'s ``indices`` beside the Grad-CAM of its predicted class (its
+    strokes drawn over it), ``columns`` pairs a row."""
     predicted = probabilities.argmax(axis=1)
     images = test.images[indices]
     heat = grad_cam(model, images, predicted[indices])
     names = test.class_names
     captions = [
-        f"{names[test.labels[i]]} as {names[predicted[i]]} ({probabilities[i, predicted[i]]:.0%})"
+        f"true {names[test.labels[i]]}, predicted {names[predicted[i]]} "
+        f"({probabilities[i, predicted[i]]:.0%})"
         for i in indices
     ]
-    return Panel(heat_overlay(images, heat), columns, captions, title)
+    pairs = np.stack([as_rgb(images), heat_overlay(images, heat)], axis=1)
+    layer = cam_layer_note(model)
+    return Panel(
+        pairs.reshape(-1, *pairs.shape[2:]),
+        2 * columns,
+        captions,
+        f"{title}\nBeside each image: where the evidence for its predicted class lies, by "
+        f"Grad-CAM (cell by cell) of\n{layer}.\nHeat off the strokes is evidence too: "
+        "strokes missing there (a digit's empty middle says 0, not 8).",
+        inches_per_tile=1.0,
+        group=2,
+        colour_bar=HEAT_BAR,
+    )
 
 
 def feature_map_panels(model: keras.Model, test: ImageSet) -> dict[str, Panel]:
@@ -364,19 +621,25 @@ def feature_map_panels(model: keras.Model, test: ImageSet) -> dict[str, Panel]:
 
 
 def filters_panel(model: keras.Model) -> Panel:
-    """The first convolution's filters."""
+    """The first convolution's filters, apart on a pale background."""
     layer, kernel = first_filters(model)
     height, width, inputs, count = kernel.shape
     mean = "" if inputs in (1, 3) else ", the mean over its inputs"
     shown = min(count, FILTERS_SHOWN)
+    grey = inputs != 3
     return Panel(
-        filter_tiles(kernel),
-        min(16, shown),
+        zoomed(filter_tiles(kernel), FILTER_ZOOM),
+        min(shown, max(8, shown // 4)),
         [],
-        f"First-layer filters: {layer}, {shown} of {count} at {height}x{width}x{inputs}{mean} "
-        "(grey: 0, white: positive, black: negative)",
+        f"First-layer filters: {layer}, {shown} of {count} at {height}x{width}x{inputs}{mean}"
+        + ("\nEach filter scaled to its own largest weight" if grey else ""),
         inches_per_tile=FILTER_INCHES,
-    )
+        gap=FILTER_GAP,
+        background=FILTER_BACKGROUND,
+        colour_bar=ColourBar(
+            "gray", "weight", tick_labels=("negative", "0", "positive")
+        ) if grey else None,
+    )  # fmt: skip
 
 
 def insight_panels(
@@ -389,13 +652,13 @@ def insight_panels(
     return {
         "gradcam_mistakes.png": gradcam_panel(
             model, test, probabilities, mistakes,
-            "Grad-CAM: the most confidently misclassified test images (true as predicted)",
-            columns=6,
+            "Grad-CAM: the test images the model got wrong most confidently",
+            columns=4,
         ),
         "gradcam_correct.png": gradcam_panel(
             model, test, probabilities, correct,
             "Grad-CAM: correctly classified test images, by class",
-            columns=2 * CORRECT_PER_CLASS,
+            columns=CORRECT_PER_CLASS,
         ),
         **feature_map_panels(model, test),
         "filters.png": filters_panel(model),
@@ -406,41 +669,62 @@ def insight_panels(
 
 
 def panel_figure(panel: Panel):
-    """A matplotlib figure of ``panel``: one image, its captions and title."""
+    """A matplotlib figure of ``panel``: one image, its captions, title and colour bar."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
 
     canvas = panel.canvas()
-    width = min(MAX_WIDTH_INCHES, panel.inches_per_tile * panel.columns + 0.4)
-    height = (width - 2 * MARGIN_INCHES) * canvas.shape[0] / canvas.shape[1] + TITLE_INCHES
-    figure, axes = plt.subplots(figsize=(width, height))
-    # Fixed margins: tight_layout would draw the figure once more to measure it.
-    figure.subplots_adjust(
-        left=MARGIN_INCHES / width,
-        right=1 - MARGIN_INCHES / width,
-        bottom=MARGIN_INCHES / height,
-        top=1 - (TITLE_INCHES - MARGIN_INCHES) / height,
+    scale = panel.colour_bar if len(panel.tiles) else None
+    bar = COLOUR_BAR_INCHES if scale else 0.0
+    image_width = min(MAX_WIDTH_INCHES - bar, panel.inches_per_tile * panel.columns)
+    width = image_width + 2 * MARGIN_INCHES + bar
+    title = TITLE_INCHES + TITLE_LINE_INCHES * panel.title.count("\n")
+    image_height = image_width * canvas.shape[0] / canvas.shape[1]
+    height = image_height + 2 * MARGIN_INCHES + title
+    figure = plt.figure(figsize=(width, height))
+    # Fixed places: tight_layout would draw the figure once more to measure it.
+    axes = figure.add_axes(
+        (MARGIN_INCHES / width, MARGIN_INCHES / height, image_width / width, image_height / height)
     )
     axes.imshow(canvas, interpolation="nearest")
     axes.axis("off")
     tile_height, tile_width = panel.tile_shape
-    top = caption_space(tile_height) if any(panel.captions) else 0
+    group_columns = max(1, panel.columns // panel.group)
     for index, caption in enumerate(panel.captions):
         if caption:
-            row, column = divmod(index, panel.columns)
+            row, column = divmod(index, group_columns)
+            first = tile_left(column * panel.group, tile_width, panel.gap, panel.group)
+            last = tile_left((column + 1) * panel.group - 1, tile_width, panel.gap, panel.group)
             axes.text(
-                column * (tile_width + 1) + tile_width / 2,
-                row * (top + tile_height) + top - 0.5,
+                (first + last + tile_width) / 2 - 0.5,
+                tile_top(row, tile_height, panel.gap, panel.top) - 1,
                 caption,
                 ha="center",
                 va="bottom",
-                fontsize=7,
+                fontsize=CAPTION_POINTS,
             )
     if not len(panel.tiles):
         axes.text(canvas.shape[1] / 2, canvas.shape[0] / 2, "none", ha="center", va="center")
-    figure.suptitle(panel.title, fontsize=10, y=1 - 0.1 / height, va="top")
+    if scale:
+        bar_height = min(0.8 * image_height, COLOUR_BAR_MAX_INCHES)
+        bar_axes = figure.add_axes(
+            (
+                (width - bar + 0.1) / width,
+                (MARGIN_INCHES + (image_height - bar_height) / 2) / height,
+                0.15 / width,
+                bar_height / height,
+            )
+        )
+        colour_bar = figure.colorbar(
+            ScalarMappable(cmap=colormaps[scale.colours]), cax=bar_axes, ticks=scale.ticks
+        )
+        colour_bar.ax.set_yticklabels(scale.tick_labels, fontsize=CAPTION_POINTS)
+        colour_bar.set_label(scale.label, fontsize=CAPTION_POINTS)
+    figure.text(0.5, 1 - MARGIN_INCHES / height, panel.title, ha="center", va="top", fontsize=10)
     return figure
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from classifier.config import EvaluateParams
-from classifier.data.dataset import read_image_set
+from classifier.data.dataset import ImageSet, read_image_set
 from classifier.evaluation import compare
 from classifier.model.files import load_model
 from classifier.serving.pyfunc import png_frame
@@ -15,10 +15,8 @@ from classifier.tracking import registry
 from stages import evaluate, train
 from tests.helpers import TEST_EXPERIMENT, project_params
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xdist_group("compare"),
-]  # subprocess pipelines, or minutes of training
+pytestmark = pytest.mark.xdist_group("compare")
+slow = pytest.mark.slow  # subprocess pipelines, or minutes of training
 
 MODEL_NAME = "compare-test-cnn"
 ALIASES = {"long": "champion", "short": "challenger"}
@@ -93,6 +91,7 @@ def store(trained, monkeypatch):
     return trained.store_uri
 
 
+@slow
 def test_report_shows_param_metric_and_per_class_deltas(trained, two_runs, store, tmp_path):
     short, long = two_runs["short"], two_runs["long"]
     numbers = compare.compare_runs(
@@ -108,6 +107,7 @@ def test_report_shows_param_metric_and_per_class_deltas(trained, two_runs, store
     np.testing.assert_allclose(per_class["f1 B - A"], f1_gain, atol=1e-6)
 
 
+@slow
 def test_report_finds_the_images_only_one_model_gets_right(trained, two_runs, store, tmp_path):
     short, long = two_runs["short"], two_runs["long"]
     out = tmp_path / "compare.html"
@@ -126,12 +126,25 @@ def test_report_finds_the_images_only_one_model_gets_right(trained, two_runs, st
         found["B right, A wrong"], np.flatnonzero(right["long"] & ~right["short"])
     )
     assert len(found["B right, A wrong"]) > 0  # three epochs fix what one gets wrong
+    # The paired test counts the same images.
+    paired = numbers["paired"]
+    assert paired.challenger_only == len(found["B right, A wrong"])
+    assert paired.champion_only == len(found["A right, B wrong"])
+    assert paired.images == len(test.labels)
     page = out.read_text()
     assert page.count('<img src="data:image/png;base64,') == 3
-    for heading in ("Params that differ", "Test metrics", "Per class", "Where they disagree"):
+    for heading in (
+        "Params that differ",
+        "Test metrics",
+        "Per class",
+        "The paired test",
+        "Where they disagree",
+        "Training curves",
+    ):
         assert heading in page
 
 
+@slow
 def test_default_compares_the_champion_with_the_latest_other_run(trained, two_runs, store):
     short, long = two_runs["short"], two_runs["long"]
     client = mlflow.MlflowClient(tracking_uri=store)
@@ -140,3 +153,58 @@ def test_default_compares_the_champion_with_the_latest_other_run(trained, two_ru
         long.run_id,
         short.run_id,
     ]
+
+
+def made_up_run(label: str, right: np.ndarray, labels: np.ndarray, seed: int) -> compare.RunView:
+    """A run as the report reads it, with answers right where ``right`` says and a
+    three-epoch history of made-up numbers."""
+    rng = np.random.default_rng(seed)
+    history = pd.DataFrame(
+        rng.uniform(0, 1, (3, 4)), columns=["loss", "accuracy", "val_loss", "val_accuracy"]
+    )
+    history.insert(0, "epoch", [1, 2, 3])
+    predicted = np.where(right, labels, 1 - labels)
+    return compare.RunView(label, label * 32, {}, {}, pd.DataFrame(), history, predicted)
+
+
+def test_report_says_whether_b_is_better_by_mcnemars_exact_test():
+    from scipy.stats import binomtest
+
+    labels = np.arange(30) % 2
+    test = ImageSet(np.zeros((30, 8, 8, 1), np.uint8), labels, ("0", "1"))
+    right_a = np.arange(30) < 20  # A: the first 20 right
+    right_b = (np.arange(30) < 18) | (np.arange(30) >= 20)  # B: 2 of those wrong, 10 more right
+    a, b = made_up_run("a", right_a, labels, 0), made_up_run("b", right_b, labels, 1)
+    page, numbers = compare.build_report(a, b, test)
+    paired = numbers["paired"]
+    assert (paired.challenger_only, paired.champion_only) == (10, 2)
+    assert paired.difference == pytest.approx(8 / 30)
+    assert paired.p_two_sided == pytest.approx(binomtest(10, 12, 0.5).pvalue)  # 0.0386
+    for words in ("B gets <b>10</b> right that A gets wrong", "A gets <b>2</b> right",
+                  "<b>+26.7 points</b>", "p = 0.0386", "<b>significant</b> at the 5% level",
+                  "<b>B</b> is the better model"):  # fmt: skip
+        assert words in page
+    # 3 against 1: could be chance.
+    right_b = right_a.copy()
+    right_b[[18, 19]] = False
+    right_b[[20, 21, 22]] = True
+    paired = compare.paired_test(a, made_up_run("b", right_b, labels, 1), test)
+    assert (paired.challenger_only, paired.champion_only) == (3, 2)
+    words = compare.describe_paired(paired)
+    assert "<b>not significant</b>" in words and "is the better model" not in words
+
+
+def test_training_curves_overlay_both_runs_training_and_validation():
+    labels = np.zeros(4, np.int64)
+    a = made_up_run("a", np.ones(4, bool), labels, 2)
+    b = made_up_run("b", np.ones(4, bool), labels, 3)
+    figure = compare.training_curves(a, b)
+    loss, accuracy = figure.axes
+    for pane, measure in ((loss, "loss"), (accuracy, "accuracy")):
+        drawn = {line.get_label(): line.get_ydata() for line in pane.get_lines()}
+        assert len(drawn) == 4
+        for view, name in ((a, "A"), (b, "B")):
+            np.testing.assert_allclose(drawn[f"{name} train: {view.label}"], view.history[measure])
+            np.testing.assert_allclose(
+                drawn[f"{name} val: {view.label}"], view.history[f"val_{measure}"]
+            )

@@ -40,8 +40,10 @@ def corner_images(count: int, seed: int) -> ImageSet:
 
 @pytest.mark.slow
 def test_grad_cam_lights_up_the_corner_a_model_was_trained_to_look_at():
-    # The reference CNN's last map is 3x3: the corner is its top-left cell. (The other
-    # architectures' maps are checked against the definition below, untrained.)
+    # The reference CNN's last map is 3x3; Grad-CAM weighs conv2's, 11x11, cell by cell,
+    # which tells the corner from the same square elsewhere. (Grad-CAM's map-wide average
+    # of the gradient did not: 25 % of its maps were empty, and the other square as hot.)
+    # The other architectures' maps are checked against the definition below, untrained.
     keras.utils.set_random_seed(0)
     train, test = corner_images(600, seed=1), corner_images(40, seed=2)
     model = build_model("reference_cnn", (SIZE, SIZE, 1), 2)
@@ -61,6 +63,101 @@ def test_grad_cam_lights_up_the_corner_a_model_was_trained_to_look_at():
     assert np.mean(top_left > 2 * elsewhere) >= 0.9
     hottest = [np.unravel_index(np.argmax(one), one.shape) for one in heat]
     assert np.mean([row < half and column < half for row, column in hottest]) >= 0.9
+
+
+def ink_or_paper_model(size: int = 8) -> keras.Model:
+    """A hand-built classifier whose Grad-CAM is known exactly: a 1x1 convolution gives
+    two maps, ``ink`` (the pixel, 0..1) and ``paper`` (1 - the pixel); their averages are
+    the logits of class 0 and class 1. Grad-CAM weighs a class's own map by 1 / pixels and
+    the other's by 0, so class 0's heat is the ink and class 1's is the paper, each scaled
+    to a peak of 1."""
+    inputs = keras.Input((size, size, 1), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    maps = keras.layers.Conv2D(2, 1, activation="relu", name="ink_paper")
+    x = maps(x)
+    maps.set_weights([np.array([1.0, -1.0]).reshape(1, 1, 1, 2), np.array([0.0, 1.0])])
+    x = keras.layers.GlobalAveragePooling2D(name="average")(x)
+    head = keras.layers.Dense(2, activation="softmax", name="probabilities")
+    outputs = head(x)
+    head.set_weights([np.eye(2), np.zeros(2)])
+    return keras.Model(inputs, outputs)
+
+
+def stroke_images() -> np.ndarray:
+    """Two 8x8 images: a vertical stroke and a horizontal one, of uneven brightness."""
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    images[0, 1:7, 3, 0] = np.linspace(100, 250, 6)
+    images[1, 5, 1:7, 0] = np.linspace(250, 100, 6)
+    return images
+
+
+def test_grad_cam_of_a_hand_built_model_is_its_own_class_evidence():
+    # Fails if grad_cam returned zeros, a constant, or another class's gradient.
+    model, images = ink_or_paper_model(), stroke_images()
+    ink = images[..., 0] / 255.0
+    paper = 1 - ink
+    heat = insight.grad_cam(model, np.concatenate([images, images]), np.array([0, 0, 1, 1]))
+    expected = np.concatenate([ink, paper]) / np.concatenate([ink, paper]).max(
+        axis=(1, 2), keepdims=True
+    )
+    np.testing.assert_allclose(heat, expected, atol=1e-5)
+
+
+def test_the_overlay_colours_the_heat_and_darkens_the_strokes():
+    from matplotlib import colormaps
+
+    model, images = ink_or_paper_model(), stroke_images()
+    test = ImageSet(images, np.array([1, 1]), ("ink", "paper"))
+    probabilities = np.array([[0.2, 0.8], [0.4, 0.6]])  # both read as "paper"
+    panel = insight.gradcam_panel(model, test, probabilities, np.array([0, 1]), "t", columns=2)
+    # Image, then its heat map; a caption per pair, naming both classes and the confidence.
+    assert panel.captions == [
+        "true paper, predicted paper (80%)",
+        "true paper, predicted paper (60%)",
+    ]
+    np.testing.assert_allclose(panel.tiles[0::2], insight.as_rgb(images))
+    overlay = panel.tiles[1::2]
+    # Off the stroke, the heat of "paper" is 1 (its most), drawn in the colour bar's top colour.
+    top = colormaps[insight.HEAT_COLOURS](1.0)[:3]
+    np.testing.assert_allclose(overlay[0, 0, 0], top, atol=1e-6)
+    np.testing.assert_allclose(overlay[1, 7, 7], top, atol=1e-6)
+    # On the brightest stroke pixel, the heat is lowest and the stroke darkens its colour.
+    low = colormaps[insight.HEAT_COLOURS](0.0)[:3]
+    np.testing.assert_allclose(
+        overlay[0, 6, 3], np.multiply(low, 1 - insight.STROKE_SHADE), atol=0.01
+    )
+    assert "ink_paper (8x8), the last feature map" in panel.title.replace("\n", " ")
+
+
+def test_grad_cam_weighs_a_map_fine_enough_to_point_somewhere():
+    # The reference CNN's last map (conv3) is 3x3: Grad-CAM uses conv2, 11x11, before the
+    # last pooling. Its cell i sits on pixel 3.5 + 2 i: conv1 (3x3, valid) centres a cell
+    # 1 pixel in, pool1 doubles the step (0.5 more), conv2 (3x3, valid) one step of 2 more.
+    reference = build_model("reference_cnn", (SIZE, SIZE, 1), 10)
+    assert insight.cam_layer(reference) == "conv2"
+    offset, stride = insight.map_geometry(reference, "conv2")
+    np.testing.assert_allclose(offset, [3.5, 3.5])
+    np.testing.assert_allclose(stride, [2, 2])
+    # One hot cell lands on its pixel; pixels between cells are interpolated.
+    cells = np.zeros((1, 11, 11))
+    cells[0, 2, 5] = 1.0
+    heat = insight.map_to_image(cells, (SIZE, SIZE), (offset, stride))
+    # The cell sits at pixel (3.5 + 2 * 2, 3.5 + 2 * 5) = (7.5, 13.5): the four pixels
+    # around it, half a pixel (a quarter of a step) away, get 0.75 * 0.75 of it.
+    np.testing.assert_allclose(heat[0, 7:9, 13:15], 0.5625)
+    assert heat[0].sum() == pytest.approx(heat[0, 4:12, 10:18].sum())  # nothing beyond a step
+    # The gradient through pool2 reaches one cell of each 2x2 window, so Grad-CAM averages
+    # each window: 10x10 cells, centred half a cell (one pixel) further on.
+    assert insight.pooling_window(reference, "conv2") == (2, 2)
+    offset, stride = insight.cam_geometry(reference, "conv2")
+    np.testing.assert_allclose(offset, [4.5, 4.5])
+    images = np.zeros((1, SIZE, SIZE, 1), np.uint8)
+    assert insight.class_activation_maps(reference, images, [0], "conv2").shape == (1, 10, 10)
+    # small_bn_cnn's last map is 7x7 already: that one.
+    small = build_model("small_bn_cnn", (SIZE, SIZE, 1), 10)
+    assert (
+        insight.cam_layer(small) == small.get_layer("average").input._keras_history.operation.name
+    )
 
 
 def cam_by_definition(model: keras.Model, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -94,6 +191,10 @@ def test_grad_cam_is_the_class_activation_map_for_flat_and_nested_models(archite
     # A temperature divides every logit alike: the same maps for the calibrated model.
     calibrated = insight.class_activation_maps(with_temperature(model, 2.5), images, classes)
     np.testing.assert_allclose(calibrated, expected, atol=1e-4)
+    # The pictures' Grad-CAM (at cam_layer, on the pixels): one map per image, its peak
+    # 1 (a little less where the peak cell's centre falls between pixels).
+    heat = insight.grad_cam(model, images, classes)
+    assert heat.shape == images.shape[:3] and np.all(heat.max(axis=(1, 2)) > 0.9)
 
 
 def test_feature_map_of_a_known_filter_equals_the_convolution_by_hand():
@@ -175,19 +276,15 @@ def test_evaluate_writes_and_logs_the_insight_pictures(trained, trained_store, t
     for name in written:
         with Image.open(plots_dir / insight.INSIGHT_DIR / name) as picture:
             assert picture.format == "PNG" and min(picture.size) >= 100
-    # The correct Grad-CAMs are drawn from the model's own maps: tile by tile, the panel is
-    # the test image blended with the heat of its predicted class.
+    # The correct Grad-CAMs: each test image, then its heat map, at conv2 (not the 3x3 conv3).
     test = read_image_set(trained.data_dir / "test")
     model = load_model(str(trained.model_path))
     probabilities = model.predict(test.images, verbose=0)
     panels = insight.insight_panels(model, test, probabilities)
     correct = insight.confident_correct(probabilities, test.labels, 3, 10)
-    heat = insight.grad_cam(model, test.images[correct], test.labels[correct])
-    np.testing.assert_allclose(
-        panels["gradcam_correct.png"].tiles,
-        insight.heat_overlay(test.images[correct], heat),
-        atol=1e-5,
-    )
+    shown = panels["gradcam_correct.png"]
+    np.testing.assert_allclose(shown.tiles[0::2], insight.as_rgb(test.images[correct]))
+    assert len(shown.captions) == len(correct) and "conv2 (11x11)" in shown.title
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     logged = client.list_artifacts(trained.result.run_id, f"evaluation/{insight.INSIGHT_DIR}")
     assert {artifact.path.split("/")[-1] for artifact in logged} == written
