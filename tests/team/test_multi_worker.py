@@ -106,9 +106,10 @@ def test_two_workers_reach_the_single_worker_result(two_workers_and_one, prepare
     # bits, and Adam divides each by its own running scale, so where a gradient is near zero
     # that rounding moves a weight by up to the learning rate. Over the first epoch's 40
     # steps that reached 1.9e-5 of the loss on an AMD EPYC with AVX-512 BF16 (float32
-    # throughout) and stays under 1e-5 on others. A different shuffle or initialisation
-    # moves the first epoch's loss by percents, so 1e-3 still tells the same run apart.
-    np.testing.assert_allclose(history["loss"][0], reference["loss"][0], rtol=1e-3)
+    # throughout) and stays under 1e-5 on others. Another seed (shuffle and initial
+    # weights) moved it by 3e-3 (1.7242 against 1.7294, train.seed 42 and 43), so 2e-4 still
+    # tells the same run from another, with a margin of 10 on each side.
+    np.testing.assert_allclose(history["loss"][0], reference["loss"][0], rtol=2e-4)
     np.testing.assert_allclose(history["loss"], reference["loss"], rtol=0.02)
     np.testing.assert_allclose(history["val_accuracy"], reference["val_accuracy"], atol=0.02)
     test = read_image_set(prepared_digits / "test")
