@@ -65,8 +65,10 @@ def test_the_abstain_curve_is_a_dvc_plot_of_both_splits(served_export):
     validation = pd.read_csv(served_export.outputs.serving_plots / "abstain_validation.csv")
     metrics = json.loads(served_export.outputs.serving_metrics.read_text())
     at_threshold = validation[validation["threshold"] >= metrics["confidence_threshold"]]
-    if metrics["target_met"]:
-        assert at_threshold.iloc[0]["accuracy_when_answering"] >= metrics["target_accuracy"] - 1e-6
+    # 0.99 is within reach of the session's model by abstaining enough: it must be met, and
+    # the validation images answered at the chosen threshold must be that accurate.
+    assert metrics["target_met"], metrics
+    assert at_threshold.iloc[0]["accuracy_when_answering"] >= metrics["target_accuracy"] - 1e-6
 
 
 def test_served_answers_are_keras_answers_plus_temperature_ood_score_and_abstentions(
