@@ -297,3 +297,25 @@ def csv_rows(path: Path):
 
     with path.open() as handle:
         yield from csv.DictReader(handle)
+
+
+def test_promote_sends_the_best_trial_through_export_which_sets_the_alias(repo, grid):
+    # Last in the module: it leaves the winner applied in the workspace, as a user would.
+    best = re.search(r"best: (grid-\d)", grid).group(1)
+    done = run_in(repo, sys.executable, "-m", "tools.sweep", "sweeps/grid.yaml", "--promote")
+    assert done.returncode == 0, done.stdout + done.stderr
+    registered = json.loads((repo / "lineage/registered_model.json").read_text())
+    decision = json.loads((repo / "metrics/promotion.json").read_text())
+    assert f"{best} (metrics/evaluate.json:accuracy=" in done.stdout  # after dvc repro's log
+    assert f"registered {registered['name']} version {registered['version']} as " in done.stdout
+    # Export decided, on the evidence: the first model clears the floor and is champion.
+    assert registered["alias"] == ("champion" if decision["promoted"] else "challenger")
+    assert decision["reason"] in done.stdout
+    # The version is the winner's model: its params are the ones the best trial ran with.
+    trial_params = exp_show(repo)[best]["params"]
+    assert yaml.safe_load((repo / "params.yaml").read_text()) == trial_params
+    version = client(repo).get_model_version(registered["name"], str(registered["version"]))
+    assert (
+        client(repo).get_run(version.run_id).data.params["train.architecture"]
+        == (trial_params["train"]["architecture"])
+    )
