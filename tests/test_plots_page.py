@@ -1,0 +1,80 @@
+"""The page `dvc plots show` writes: Vega inline from the pinned copies, nothing fetched."""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import json
+import re
+import shutil
+
+import pytest
+from dvc_render import render_html
+
+from tests.helpers import PROJECT_ROOT
+from tools import plots_page
+
+TEMPLATE_DIR = PROJECT_ROOT / "dvc_plots_template"
+
+
+def test_the_committed_page_is_the_one_built_from_the_pinned_scripts():
+    assert plots_page.main(["--check"]) == 0
+    page = (TEMPLATE_DIR / "page.html").read_text(encoding="utf-8")
+    manifest = json.loads((TEMPLATE_DIR / "vendor.json").read_text())
+    for name in plots_page.SCRIPTS:
+        script = (TEMPLATE_DIR / name).read_bytes()
+        assert hashlib.sha256(script).hexdigest() == manifest[name]["sha256"]
+        assert script.decode("utf-8").rstrip("\n") in page
+
+
+def test_the_page_loads_no_script_from_the_network():
+    page = (TEMPLATE_DIR / "page.html").read_text(encoding="utf-8")
+    assert not re.search(r"<script[^>]*\bsrc=", page, re.IGNORECASE)
+    # DVC puts its CDN <script src> tags where the template says {scripts}.
+    assert "{scripts}" not in page
+    assert "{plot_divs}" in page
+
+
+def test_dvc_is_configured_to_fill_in_the_offline_page():
+    config = configparser.ConfigParser()
+    config.read(PROJECT_ROOT / ".dvc" / "config")
+    template = PROJECT_ROOT / ".dvc" / config["plots"]["html_template"]
+    assert template.resolve() == (TEMPLATE_DIR / "page.html").resolve()
+
+
+def test_dvc_render_fills_the_page_without_a_cdn_tag(tmp_path):
+    from dvc_render import VegaRenderer
+
+    renderer = VegaRenderer(
+        [{"epoch": "0", "loss": "1.0"}, {"epoch": "1", "loss": "0.5"}],
+        "loss",
+        x="epoch",
+        y="loss",
+        y_label="cross-entropy loss",
+    )
+    out = tmp_path / "dvc_plots" / "index.html"
+    render_html([renderer], out, html_template=TEMPLATE_DIR / "page.html")
+    page = out.read_text(encoding="utf-8")
+    assert "cdn.jsdelivr.net" not in page
+    assert "vegaEmbed('#" in page and '"cross-entropy loss"' in page
+
+
+def test_check_rejects_a_vendored_script_that_differs_from_its_pin(tmp_path, monkeypatch):
+    copy = tmp_path / "dvc_plots_template"
+    shutil.copytree(TEMPLATE_DIR, copy)
+    with (copy / "vega-lite.min.js").open("a") as script:
+        script.write("// changed\n")
+    monkeypatch.setattr(plots_page, "TEMPLATE_DIR", copy)
+    with pytest.raises(ValueError, match=r"vega-lite\.min\.js: sha256 .* but vendor\.json pins"):
+        plots_page.build_page(copy)
+    assert plots_page.main(["--check"]) == 1
+
+
+def test_check_reports_a_page_edited_by_hand(tmp_path, monkeypatch, capsys):
+    copy = tmp_path / "dvc_plots_template"
+    shutil.copytree(TEMPLATE_DIR, copy)
+    page = copy / "page.html"
+    page.write_text(page.read_text(encoding="utf-8").replace("DVC plots", "Plots"))
+    monkeypatch.setattr(plots_page, "TEMPLATE_DIR", copy)
+    assert plots_page.main(["--check"]) == 1
+    assert "page.html is out of date: run python -m tools.plots_page" in capsys.readouterr().err
