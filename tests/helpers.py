@@ -351,6 +351,8 @@ PROJECT_FILES = [
     "pretrained",
     ".dvc/config",
     ".dvc/.gitignore",
+    ".dvc/plots",
+    "dvc_plots_template",
     ".dvcignore",
     ".gitignore",
 ]
