@@ -8,10 +8,14 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
+import yaml
 from dvc_render import render_html
 
-from tests.helpers import PROJECT_ROOT
+from classifier.data.dataset import ImageSet
+from classifier.evaluation.metrics import confusion_counts
+from tests.helpers import PROJECT_ROOT, offline_dom, run_ok, vega_charts
 from tools import plots_page
 
 TEMPLATE_DIR = PROJECT_ROOT / "dvc_plots_template"
@@ -78,3 +82,41 @@ def test_check_reports_a_page_edited_by_hand(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plots_page, "TEMPLATE_DIR", copy)
     assert plots_page.main(["--check"]) == 1
     assert "page.html is out of date: run python -m tools.plots_page" in capsys.readouterr().err
+
+
+def project_plot(title: str) -> dict:
+    """The definition of the plot ``title`` in the project's dvc.yaml."""
+    plots = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["plots"]
+    return next(plot for plot in plots if isinstance(plot, dict) and title in plot)
+
+
+@pytest.mark.slow
+def test_the_confusion_matrix_shows_a_class_never_predicted_offline(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_ok(repo, "dvc", "init", "--no-scm", "-q")
+    for name in (".dvc/config", ".dvc/plots", "dvc_plots_template"):
+        source = PROJECT_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, repo / name)
+    plot = project_plot("Confusion matrix (test)")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": [plot]}))
+    (repo / "plots" / "evaluate").mkdir(parents=True)
+    labels, predicted = np.array([0, 0, 0, 1, 2, 2]), np.array([0, 0, 0, 1, 0, 1])
+    test = ImageSet(np.zeros((6, 1, 1, 1), np.uint8), labels, ("ant", "bee", "fox"))
+    # Nothing is predicted "fox": with one row per image, DVC's matrix had no "fox" row.
+    counts = confusion_counts(test, predicted)
+    counts.to_csv(repo / "plots" / "evaluate" / "confusion.csv", index=False)
+
+    run_ok(repo, "dvc", "plots", "show")
+
+    page = repo / "dvc_plots" / "index.html"
+    assert not re.search(r"<script[^>]*\bsrc=", page.read_text(encoding="utf-8"))
+    (chart,) = vega_charts(offline_dom(page.as_uri())).values()
+    assert chart.drawn and "Confusion matrix (test)" in chart.titles
+    assert sorted(chart.axis_titles) == ["actual class", "predicted class"]
+    assert chart.axis_labels == [["ant", "bee", "fox"], ["ant", "bee", "fox"]]
+    # The colour scale reaches the 3 ants seen as ants: counts are summed, not rows counted.
+    assert max(float(label) for label in chart.legend_labels) == 3
