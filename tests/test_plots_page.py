@@ -120,3 +120,36 @@ def test_the_confusion_matrix_shows_a_class_never_predicted_offline(tmp_path):
     assert chart.axis_labels == [["ant", "bee", "fox"], ["ant", "bee", "fox"]]
     # The colour scale reaches the 3 ants seen as ants: counts are summed, not rows counted.
     assert max(float(label) for label in chart.legend_labels) == 3
+
+
+@pytest.mark.slow
+def test_a_chart_that_cannot_be_drawn_leaves_a_line_saying_so(tmp_path):
+    from dvc_render import VegaRenderer
+
+    broken = tmp_path / "broken.json"
+    broken.write_text(
+        json.dumps(
+            {
+                "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+                "data": {"values": "<DVC_METRIC_DATA>"},
+                "title": "<DVC_METRIC_TITLE>",
+                "mark": "no-such-mark",
+                "encoding": {"x": {"field": "<DVC_METRIC_X>"}, "y": {"field": "<DVC_METRIC_Y>"}},
+            }
+        )
+    )
+    points = [{"epoch": "0", "loss": "1.0"}, {"epoch": "1", "loss": "0.5"}]
+    renderers = [
+        VegaRenderer(points, "drawn", x="epoch", y="loss", title="Drawn"),
+        VegaRenderer(points, "broken", x="epoch", y="loss", title="Broken", template=str(broken)),
+    ]
+    page = tmp_path / "dvc_plots" / "index.html"
+    render_html(renderers, page, html_template=TEMPLATE_DIR / "page.html")
+
+    dom = offline_dom(page.as_uri())
+
+    charts = vega_charts(dom)
+    assert charts["drawn"].drawn
+    failed = re.findall(r'<p class="plot-failed">([^<]*)</p>', dom)
+    assert len(failed) == 1
+    assert failed[0].startswith("This chart could not be drawn (") and "Broken" in failed[0]

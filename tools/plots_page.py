@@ -53,8 +53,9 @@ FALLBACK = """
             if (!element) { return; }
             var note = document.createElement("p");
             note.className = "plot-failed";
+            var title = spec && spec.title;
             note.textContent = "This chart could not be drawn (" + reason + "): " +
-                ((spec && spec.title && spec.title.text) || target);
+                ((title && (title.text || title)) || target);
             element.appendChild(note);
         }
         if (typeof embed !== "function") {
