@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -60,7 +61,7 @@ def experiment_refs(repo: Path) -> dict[str, str]:
     return found
 
 
-def _recorded_run_id(repo: Path, commit: str, cache_path) -> str | None:
+def _recorded_run_id(repo: Path, commit: str, cache_path: Callable[[str], str]) -> str | None:
     """The run id of the lineage/train_run.json that ``commit``'s dvc.lock records."""
     lock_text = _git(repo, "show", f"{commit}:dvc.lock")
     if lock_text is None:
