@@ -95,8 +95,13 @@ def champion_rev(model_name: str, repo: Path = Path(".")) -> str:
             if _recorded_run_id(repo, commit, cache.oid_to_path) == run_id:
                 log.info("the champion's run %s is recorded by %s", run_id, rev)
                 return rev
+    missing = f"no experiment or commit of dvc.lock records the champion's run {run_id}"
+    if own:
+        raise StageError(
+            f"{missing}: its DVC experiment {own} is not in this repository "
+            "(dvc exp list; dvc exp pull if it was pushed)"
+        )
     raise StageError(
-        f"no experiment or commit of dvc.lock records the champion's run {run_id}"
-        f"{f' (DVC experiment {own})' if own else ''}: if its results are the workspace's, "
-        "commit them (git add dvc.lock && git commit) to compare later runs against them"
+        f"{missing}: if its results are the workspace's, commit them "
+        "(git add dvc.lock && git commit) to compare later runs against them"
     )
