@@ -1,11 +1,12 @@
 """Stage ``evaluate``: score the trained model on the held-out test split, in depth.
 
 Writes the headline metrics (a DVC metrics file, see classifier/evaluation/metrics.py)
-and a plots folder: the tables behind them (confusion counts for every class pair, per-class
-metrics, calibration bins) and the pictures: confusion matrix, reliability diagram,
-training curves and the most confidently misclassified images; and in insight/, what the
-network looks at (classifier/evaluation/insight.py): Grad-CAM heatmaps, feature maps and
-the first layer's filters. Everything also goes to the training run in MLflow.
+and a plots folder: the tables behind them (every test prediction, confusion counts for
+every class pair, per-class metrics, calibration bins) and the pictures: confusion matrix,
+reliability diagram, training curves and the most confidently misclassified images; and in
+insight/, what the network looks at (classifier/evaluation/insight.py): Grad-CAM heatmaps,
+feature maps and the first layer's filters. Everything also goes to the training run in
+MLflow.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from classifier.evaluation.metrics import (
     headline_metrics,
     most_confident_mistakes,
     per_class_table,
+    prediction_rows,
 )
 from classifier.model.files import load_model
 from classifier.model.temperature import logits_of, temperature_of
@@ -94,6 +96,7 @@ def run(
         training.set_tags(lineage.dvc_lock_tags(lock_path, "train", model_path))
         with atomic_path(plots_dir, directory=True) as tmp:
             counts.to_csv(tmp / "confusion.csv", index=False)
+            prediction_rows(test, predicted).to_csv(tmp / "predictions.csv", index=False)
             per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
             calibration.to_csv(tmp / "calibration.csv", index=False, float_format="%.6f")
             for name, figure in figures.items():

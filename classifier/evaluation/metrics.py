@@ -98,6 +98,12 @@ def headline_metrics(
     return metrics
 
 
+def prediction_rows(test: ImageSet, predicted: np.ndarray) -> pd.DataFrame:
+    """One row per test image: its actual and predicted class name."""
+    names = np.asarray(test.class_names)
+    return pd.DataFrame({"actual": names[test.labels], "predicted": names[predicted]})
+
+
 def confusion_counts(test: ImageSet, predicted: np.ndarray) -> pd.DataFrame:
     """How many test images of each actual class got each predicted class: one row for
     every (actual, predicted) pair, zeros included, so DVC's matrix shows every class even

@@ -20,7 +20,7 @@ def metrics_module_ece(probabilities, labels):
 
 
 PICTURES = {"confusion.png", "reliability.png", "curves.png", "misclassified.png"}
-TABLES = {"confusion.csv", "per_class.csv", "calibration.csv"}
+TABLES = {"confusion.csv", "predictions.csv", "per_class.csv", "calibration.csv"}
 INSIGHT = "insight"  # Grad-CAM, feature maps, filters: tests/evaluation/test_insight.py
 
 
@@ -114,6 +114,9 @@ def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
     test = read_image_set(trained.data_dir / "test")
     probabilities = load_model(str(trained.model_path)).predict(test.images, verbose=0)
     predicted, names = probabilities.argmax(1), np.array(test.class_names)
+    rows = pd.read_csv(plots_dir / "predictions.csv", dtype=str)
+    assert rows["actual"].tolist() == names[test.labels].tolist()
+    assert rows["predicted"].tolist() == names[predicted].tolist()
     counts = pd.read_csv(plots_dir / "confusion.csv", dtype={"actual": str, "predicted": str})
     assert len(counts) == len(names) ** 2
     for actual, guessed, count in counts.itertuples(index=False):

@@ -71,7 +71,7 @@ REPRODUCED = [
     "metrics/train.json",
     "metrics/evaluate.json",
     "plots/history.csv",
-    "plots/evaluate/confusion.csv",
+    "plots/evaluate/predictions.csv",
     "plots/evaluate/calibration.csv",
 ]
 
