@@ -23,7 +23,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help install run test test-fast ui serve monitor exp compare lint format bench clean team-up sweep sweep-promote
+.PHONY: help install run test test-fast ui serve monitor exp compare plots-diff lint format bench clean team-up sweep sweep-promote
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ exp: install ## dvc exp show: every param and metric, without the dependency-has
 
 compare: install ## HTML comparison of the champion's run and the latest other: reports/compare.html
 	python -m tools.compare
+
+plots-diff: install ## dvc plots diff of the workspace against the champion's experiment or commit
+	rev=$$(python -m tools.champion_rev) && dvc plots diff "$$rev"
 
 sweep: install ## run (or resume) the sweep SPEC on DVC's queue workers; report in sweeps/<name>/
 	python -m tools.sweep $(SPEC)

@@ -1,11 +1,12 @@
 """Stage ``evaluate``: score the trained model on the held-out test split, in depth.
 
 Writes the headline metrics (a DVC metrics file, see classifier/evaluation/metrics.py)
-and a plots folder: the tables behind them (per-test-image confusion rows, per-class
-metrics, calibration bins) and the pictures: confusion matrix, reliability diagram,
-training curves and the most confidently misclassified images; and in insight/, what the
-network looks at (classifier/evaluation/insight.py): Grad-CAM heatmaps, feature maps and
-the first layer's filters. Everything also goes to the training run in MLflow.
+and a plots folder: the tables behind them (every test prediction, confusion counts for
+every class pair, per-class metrics, calibration bins) and the pictures: confusion matrix,
+reliability diagram, training curves and the most confidently misclassified images; and in
+insight/, what the network looks at (classifier/evaluation/insight.py): Grad-CAM heatmaps,
+feature maps and the first layer's filters. Everything also goes to the training run in
+MLflow.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from classifier.evaluation import insight, plots
 from classifier.evaluation.metrics import (
     MISCLASSIFIED_SHOWN,
     calibration_bins,
-    confusion_rows,
+    confusion_counts,
     headline_metrics,
     most_confident_mistakes,
     per_class_table,
+    prediction_rows,
 )
 from classifier.model.files import load_model
 from classifier.model.temperature import logits_of, temperature_of
@@ -75,10 +77,10 @@ def run(
     ece, calibration = calibration_bins(probabilities, test.labels)
     metrics = headline_metrics(probabilities, test.labels, per_class, ece)
     metrics.update(calibration_figures(model, test))
-    rows = confusion_rows(test, predicted)
+    counts = confusion_counts(test, predicted)
     mistakes, captions = most_confident_mistakes(test, probabilities, MISCLASSIFIED_SHOWN)
     figures = {
-        "confusion.png": plots.confusion_figure(rows, test.class_names),
+        "confusion.png": plots.confusion_figure(counts, test.class_names),
         "reliability.png": plots.reliability_figure(calibration, ece),
         "curves.png": plots.curves_figure(pd.read_csv(history_path)),
         "misclassified.png": plots.image_grid_figure(
@@ -93,7 +95,8 @@ def run(
         # The training run's data and model hashes, as DVC recorded them once train ended.
         training.set_tags(lineage.dvc_lock_tags(lock_path, "train", model_path))
         with atomic_path(plots_dir, directory=True) as tmp:
-            rows.to_csv(tmp / "confusion.csv", index=False)
+            counts.to_csv(tmp / "confusion.csv", index=False)
+            prediction_rows(test, predicted).to_csv(tmp / "predictions.csv", index=False)
             per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
             calibration.to_csv(tmp / "calibration.csv", index=False, float_format="%.6f")
             for name, figure in figures.items():

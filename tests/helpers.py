@@ -351,6 +351,8 @@ PROJECT_FILES = [
     "pretrained",
     ".dvc/config",
     ".dvc/.gitignore",
+    ".dvc/plots",
+    "dvc_plots_template",
     ".dvcignore",
     ".gitignore",
 ]
@@ -947,3 +949,96 @@ def clone_repo(source: Path, dest: Path) -> Path:
                         )
             db.commit()
     return dest
+
+
+# --- Pages as a person sees them: headless Chromium ----------------------------------------
+
+CHROMIUM_WAIT_MS = 20_000  # virtual time for scripts to draw; Chromium stops early when idle
+
+
+def chromium_or_skip() -> str:
+    """Chromium's path; installs Debian's package when missing, else skips with the reason."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "chromium"],
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("chromium is missing and `apt-get install -y chromium` did not install it")
+    return found
+
+
+def _without_network() -> list[str]:
+    """A prefix that runs a command in a network namespace of its own (no network at all)
+    where the kernel allows it; Chromium's own flags below block the network anyway."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-rn", "true"], capture_output=True).returncode == 0:
+        return [unshare, "-rn"]
+    return []
+
+
+def offline_chromium(url: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium on ``url`` with no network: any http(s) request fails."""
+    command = [
+        *_without_network(),
+        chromium_or_skip(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=http://127.0.0.1:9",  # nothing listens there: every fetch fails
+        f"--virtual-time-budget={CHROMIUM_WAIT_MS}",
+        *options,
+        url,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"chromium failed on {url}:\n{done.stderr[-2000:]}"
+    return done
+
+
+def offline_dom(url: str) -> str:
+    """The DOM of ``url`` after its scripts ran, offline."""
+    return offline_chromium(url, "--dump-dom").stdout
+
+
+def offline_screenshot(url: str, png: Path, width: int = 1400, height: int = 1000) -> Path:
+    """A PNG of ``url`` as Chromium draws it offline."""
+    offline_chromium(url, f"--screenshot={png}", f"--window-size={width},{height}")
+    return png
+
+
+@dataclass
+class VegaChart:
+    """A chart as vega-embed drew it into a page: what a person reads on it."""
+
+    titles: list[str]  # the chart's title, and a facet's headers (e.g. each rev)
+    drawn: bool  # an SVG of marks is there
+    axis_titles: list[str]
+    axis_labels: list[list[str]]  # one list per axis, as drawn
+    legend_labels: list[str]
+
+
+def vega_charts(dom: str) -> dict[str, VegaChart]:
+    """The charts vega-embed drew (as SVG) in ``dom``, by the id of their element."""
+    text = r"<text[^>]*>([^<]*)</text>"
+    charts: dict[str, VegaChart] = {}
+    starts = list(re.finditer(r'<div id="([^"]+)" class="vega-embed[^"]*">', dom))
+    for start, after in itertools.zip_longest(starts, starts[1:]):
+        chunk = dom[start.end() : after.start() if after else len(dom)]
+        labels, legend = (
+            re.findall(rf'role-{role}-label"[^>]*>((?:<text[^>]*>[^<]*</text>)+)', chunk)
+            for role in ("axis", "legend")
+        )
+        charts[start.group(1)] = VegaChart(
+            titles=re.findall(r'role-title-text"[^>]*>' + text, chunk),
+            drawn=re.search(r'<svg [^>]*class="marks"', chunk) is not None,
+            axis_titles=re.findall(r'role-axis-title"[^>]*>' + text, chunk),
+            axis_labels=[re.findall(text, axis) for axis in labels],
+            legend_labels=[label for group in legend for label in re.findall(text, group)],
+        )
+    return charts

@@ -8,7 +8,7 @@ import mlflow
 
 from classifier.tracking import runs, store
 from tests.helpers import PROJECT_ROOT, free_port
-from tools import compare, serve, ui
+from tools import champion_rev, compare, serve, ui
 
 
 def test_ui_on_a_port_in_use_exits_1_in_one_line(capsys):
@@ -127,4 +127,11 @@ def test_ui_points_at_the_pipelines_runs_in_the_model_training_view(mlflow_store
     assert url == (
         f"http://127.0.0.1:5000/#/experiments/{experiment_id.experiment_id}"
         "?workflowType=machine_learning"
+    )
+
+
+def test_champion_rev_with_no_champion_exits_1_in_one_line(mlflow_store, capsys):
+    assert champion_rev.main(["--params", str(PROJECT_ROOT / "params.yaml")]) == 1
+    assert capsys.readouterr().err == (
+        "champion_rev: error: no version of digits-cnn is @champion: run the pipeline first\n"
     )

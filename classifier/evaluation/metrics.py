@@ -98,10 +98,28 @@ def headline_metrics(
     return metrics
 
 
-def confusion_rows(test: ImageSet, predicted: np.ndarray) -> pd.DataFrame:
-    """One row per test image: its actual and predicted class name (DVC's confusion input)."""
+def prediction_rows(test: ImageSet, predicted: np.ndarray) -> pd.DataFrame:
+    """One row per test image: its actual and predicted class name."""
     names = np.asarray(test.class_names)
     return pd.DataFrame({"actual": names[test.labels], "predicted": names[predicted]})
+
+
+def confusion_counts(test: ImageSet, predicted: np.ndarray) -> pd.DataFrame:
+    """How many test images of each actual class got each predicted class: one row for
+    every (actual, predicted) pair, zeros included, so DVC's matrix shows every class even
+    where none was predicted (.dvc/plots/confusion_counts.json sums ``count``)."""
+    classes = len(test.class_names)
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (test.labels, predicted), 1)
+    actual, guessed = np.meshgrid(np.arange(classes), np.arange(classes), indexing="ij")
+    names = np.asarray(test.class_names)
+    return pd.DataFrame(
+        {
+            "actual": names[actual.ravel()],
+            "predicted": names[guessed.ravel()],
+            "count": matrix.ravel(),
+        }
+    )
 
 
 def most_confident_mistakes(

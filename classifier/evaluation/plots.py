@@ -23,9 +23,9 @@ def save(figure: Figure, target: object, **options: object) -> None:
     plt.close(figure)
 
 
-def confusion_figure(rows: pd.DataFrame, class_names: Sequence[str]) -> Figure:
-    """A confusion-matrix heat map with counts in the cells."""
-    matrix = pd.crosstab(rows["actual"], rows["predicted"]).reindex(
+def confusion_figure(counts: pd.DataFrame, class_names: Sequence[str]) -> Figure:
+    """A confusion-matrix heat map with counts in the cells, from ``confusion_counts``."""
+    matrix = counts.pivot(index="actual", columns="predicted", values="count").reindex(
         index=class_names, columns=class_names, fill_value=0
     )
     size = max(4.0, 0.5 * len(class_names) + 2)

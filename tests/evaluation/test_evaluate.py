@@ -20,7 +20,7 @@ def metrics_module_ece(probabilities, labels):
 
 
 PICTURES = {"confusion.png", "reliability.png", "curves.png", "misclassified.png"}
-TABLES = {"confusion.csv", "per_class.csv", "calibration.csv"}
+TABLES = {"confusion.csv", "predictions.csv", "per_class.csv", "calibration.csv"}
 INSIGHT = "insight"  # Grad-CAM, feature maps, filters: tests/evaluation/test_insight.py
 
 
@@ -78,6 +78,23 @@ def test_most_confident_mistakes_come_first():
     assert captions[0] == "#1: a as b (90%)"
 
 
+def test_confusion_counts_hold_every_class_pair_even_classes_never_predicted():
+    test = ImageSet(
+        images=np.zeros((5, 2, 2, 1), dtype=np.uint8),
+        labels=np.array([0, 0, 1, 2, 2]),
+        class_names=("cat", "dog", "fox"),
+    )
+    # "fox" is never predicted and "dog" never right: both still get a full row and column.
+    counts = metrics.confusion_counts(test, np.array([0, 0, 0, 1, 0]))
+    assert len(counts) == 9
+    table = counts.pivot(index="actual", columns="predicted", values="count")
+    assert table.loc[["cat", "dog", "fox"], ["cat", "dog", "fox"]].to_numpy().tolist() == [
+        [2, 0, 0],
+        [1, 0, 0],
+        [1, 1, 0],
+    ]
+
+
 @pytest.mark.slow
 def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
     trained, trained_store, tmp_path
@@ -97,9 +114,13 @@ def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
     test = read_image_set(trained.data_dir / "test")
     probabilities = load_model(str(trained.model_path)).predict(test.images, verbose=0)
     predicted, names = probabilities.argmax(1), np.array(test.class_names)
-    rows = pd.read_csv(plots_dir / "confusion.csv", dtype=str)
+    rows = pd.read_csv(plots_dir / "predictions.csv", dtype=str)
     assert rows["actual"].tolist() == names[test.labels].tolist()
     assert rows["predicted"].tolist() == names[predicted].tolist()
+    counts = pd.read_csv(plots_dir / "confusion.csv", dtype={"actual": str, "predicted": str})
+    assert len(counts) == len(names) ** 2
+    for actual, guessed, count in counts.itertuples(index=False):
+        assert count == np.sum((names[test.labels] == actual) & (names[predicted] == guessed))
     assert metrics["accuracy"] == pytest.approx(np.mean(predicted == test.labels))
     confidence, correct = probabilities.max(1), predicted == test.labels
     bins = np.minimum((confidence * 10).astype(int), 9)  # equal-width bins; no edge cases here

@@ -13,6 +13,7 @@ from pathlib import Path
 import dvc.api
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -27,12 +28,14 @@ from tests.helpers import (
     init_git,
     lock_outputs,
     make_image_folder,
+    offline_dom,
     readme_photo_example,
     run_in,
     run_ok,
     set_params,
     stages_run,
     user_env,
+    vega_charts,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
@@ -68,7 +71,7 @@ REPRODUCED = [
     "metrics/train.json",
     "metrics/evaluate.json",
     "plots/history.csv",
-    "plots/evaluate/confusion.csv",
+    "plots/evaluate/predictions.csv",
     "plots/evaluate/calibration.csv",
 ]
 
@@ -394,3 +397,57 @@ def test_an_entry_in_exclude_yaml_makes_preprocess_and_what_follows_rerun(clone)
     )
     status = run_ok(clone, "dvc", "status")
     assert re.search(r"preprocess:\s+changed deps:\s+modified:\s+exclude\.yaml", status)
+
+
+def vega_specs(page: Path) -> dict[str, dict]:
+    """The Vega-Lite specs DVC wrote into ``page``, by chart title."""
+    html, decoder, specs = page.read_text(encoding="utf-8"), json.JSONDecoder(), {}
+    for start in re.finditer(r"var spec = ", html):
+        spec, _ = decoder.raw_decode(html, start.end())
+        specs[spec["title"]["text"]] = spec
+    return specs
+
+
+def test_dvc_plots_show_draws_every_chart_offline_with_labelled_axes(clone):
+    run_ok(clone, "dvc", "plots", "show")
+
+    page = clone / "dvc_plots" / "index.html"
+    html = page.read_text(encoding="utf-8")
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # Vega is inline: nothing to fetch
+    dom = offline_dom(page.as_uri())
+    charts = vega_charts(dom)
+    assert set(charts) == set(re.findall(r"vegaEmbed\('#([^']+)'", html))
+    assert len(charts) == 5
+    for name, chart in charts.items():
+        assert chart.drawn, name
+        assert len(chart.axis_titles) == 2 and "y" not in chart.axis_titles, name
+    assert '<p class="plot-failed"' not in dom
+    confusion = charts["Confusion_matrix__test_"]
+    assert confusion.axis_labels == [[str(digit) for digit in range(10)]] * 2
+    # Each picture once: the curves are the Vega charts, not curves.png as well.
+    assert "curves.png" not in html
+
+
+def test_plots_diff_against_the_champion_holds_both_revisions(clone):
+    run_ok(clone, "git", "add", "dvc.lock")
+    run_ok(clone, "git", "commit", "-qm", "the champion's results")
+    commit = run_ok(clone, "git", "rev-parse", "--short", "HEAD").strip()
+    champion_history = pd.read_csv(clone / "plots/history.csv")
+    # One epoch is worse than two: the champion stays the committed run.
+    run_ok(clone, "dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1")
+
+    done = run_in(clone, "python", "-m", "tools.champion_rev")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{commit}\n"
+    run_ok(clone, "dvc", "plots", "diff", commit)
+
+    loss = vega_specs(clone / "dvc_plots" / "index.html")["Loss by epoch"]["data"]["values"]
+    shown = {
+        rev: [float(row["loss"]) for row in loss if row["rev"] == rev and row["field"] == "loss"]
+        for rev in (commit, "workspace")
+    }
+    assert shown == {
+        commit: champion_history["loss"].tolist(),
+        "workspace": pd.read_csv(clone / "plots/history.csv")["loss"].tolist(),
+    }
+    assert len(shown[commit]) == EPOCHS and len(shown["workspace"]) == 1
