@@ -23,7 +23,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-SOURCES_WITH_PATH = ("idx_dir", "folder", "archive")
+SOURCES_WITH_PATH = ("idx_dir", "folder", "archive", "csv")
 PRETRAINED_CHOICES = ("none", "imagenet")
 BACKBONE_ARCHITECTURES = ("mobilenet_v3_small", "efficientnet_v2_b0")
 PRETRAINED_DIR = "pretrained/"
@@ -33,9 +33,12 @@ MIRROR_SCHEMES = ("https://", "http://", "file://")
 class DataParams(_Section):
     """Where the raw images come from (stage ``download``)."""
 
-    source: Literal["digits", "mnist", "fashion_mnist", "idx_dir", "folder", "archive"]
+    source: Literal["digits", "mnist", "fashion_mnist", "idx_dir", "folder", "archive", "csv"]
     path: str | None
     mirrors: list[str]
+    # folder, archive: auto reads train/ and test/ (and val/) top folders as the source's own
+    # splits and any other top folders as classes; classes or splits forces one reading.
+    layout: Literal["auto", "classes", "splits"]
 
     @model_validator(mode="after")
     def _path_matches_source(self) -> DataParams:

@@ -45,9 +45,10 @@ def run(
         data = ingest(Path(raw_dir), cfg, Path(work))
         splits, duplicates = make_splits(data, cfg)
         splits, excluded = apply_exclusions(splits, exclusions)
-        metrics, report = build_report(
-            read_source(raw_dir), splits, duplicates, data.skipped, data.source_images
-        )
+        source = read_source(raw_dir)
+        # Rows of a csv source's labels file that name no usable file are skipped files too.
+        skipped = [*source.get("skipped_rows", []), *data.skipped]
+        metrics, report = build_report(source, splits, duplicates, skipped, data.source_images)
         metrics["excluded"] = excluded
         report += (
             f"\n## Excluded by {EXCLUDE_FILE}\n\n{excluded['dropped']} images dropped, "

@@ -35,6 +35,7 @@ from classifier.data.raw import (
     POOL_DIR,
     POOL_LAYOUT,
     SOURCE_FILE,
+    SPLIT_FILES_LAYOUT,
     SPLIT_LAYOUT,
 )
 from classifier.errors import DataError
@@ -51,6 +52,7 @@ class Ingested:
     pool: ImageSet | None = None  # to be split three ways
     train: ImageSet | None = None  # or the source's own train / test split
     test: ImageSet | None = None
+    val: ImageSet | None = None  # and its validation split, where it has one
     origins: dict[str, list[str]] = field(default_factory=dict)  # where each image came from
     skipped: list[dict[str, str]] = field(default_factory=list)
     source_images: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -144,7 +146,33 @@ def ingest(raw_dir: Path, cfg: PreprocessParams, work_dir: Path) -> Ingested:
                 "test": [f"test#{i}" for i in range(len(test.labels))],
             },
         )
+    if layout == SPLIT_FILES_LAYOUT:
+        return ingest_split_files(raw_dir / FILES_DIR, cfg, work_dir)
     raise DataError(f"{raw_dir / SOURCE_FILE}: unknown layout {layout!r}")
+
+
+def ingest_split_files(files_dir: Path, cfg: PreprocessParams, work_dir: Path) -> Ingested:
+    """Decode the class folders of each split folder (train/, test/, maybe val/)."""
+    parts: dict[str, Ingested] = {}
+    for split in ("train", "val", "test"):
+        if (files_dir / split).is_dir():
+            (work_dir / split).mkdir(parents=True, exist_ok=True)
+            parts[split] = ingest_files(files_dir / split, cfg, work_dir / split)
+    return Ingested(
+        train=parts["train"].pool,
+        test=parts["test"].pool,
+        val=parts["val"].pool if "val" in parts else None,
+        origins={
+            split: [f"{split}/{origin}" for origin in part.origins["pool"]]
+            for split, part in parts.items()
+        },
+        skipped=[
+            {**skip, "file": f"{split}/{skip['file']}"}
+            for split, part in parts.items()
+            for skip in part.skipped
+        ],
+        source_images=pd.concat([part.source_images for part in parts.values()]),
+    )
 
 
 def _stratified(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
@@ -256,22 +284,30 @@ def _pool_splits(data: Ingested, cfg: PreprocessParams) -> Assignment:
 
 
 def _given_test_splits(data: Ingested, cfg: PreprocessParams) -> Assignment:
-    """Keep the source's test set; carve validation out of the training images.
+    """Keep the source's test set, and its validation set where it has one; else carve
+    validation out of the training images.
 
-    Training images that duplicate a test image are dropped with
+    Training (and validation) images that duplicate a test image are dropped with
     ``preprocess.drop_test_duplicates_from_train``, else kept (and reported as leakage).
     """
-    train, test = data.train, data.test
-    if test.class_names != train.class_names:
-        raise DataError("the source's test images have other classes than its training images")
+    given = {"train": data.train, "test": data.test}
+    if data.val is not None:
+        given["val"] = data.val
+    for split, image_set in given.items():
+        if image_set.class_names != data.train.class_names:
+            raise DataError(
+                f"the source's {split} images have other classes than its training images"
+            )
     whole = ImageSet(
-        np.concatenate([train.images, test.images]),
-        np.concatenate([train.labels, test.labels]),
-        train.class_names,
+        np.concatenate([image_set.images for image_set in given.values()]),
+        np.concatenate([image_set.labels for image_set in given.values()]),
+        data.train.class_names,
+    )
+    split_of = np.concatenate(
+        [np.full(len(image_set.labels), split, dtype=object) for split, image_set in given.items()]
     )
     groups = find_duplicates(whole.images, cfg.near_duplicate_distance)
-    in_test = np.arange(len(whole.labels)) >= len(train.labels)
-    split_of = np.where(in_test, "test", "train").astype(object)
+    in_test = split_of == "test"
     copies_of_test = ~in_test & np.isin(groups.group, groups.group[in_test])
     if cfg.drop_test_duplicates_from_train:
         split_of[copies_of_test] = DROPPED
@@ -280,10 +316,11 @@ def _given_test_splits(data: Ingested, cfg: PreprocessParams) -> Assignment:
         copies_of_test.sum(),
         "dropped" if cfg.drop_test_duplicates_from_train else "kept",
     )
-    kept = np.flatnonzero(split_of == "train")
-    parts = carve_validation(whole.labels[kept], groups.group[kept], cfg.val_fraction, cfg.seed)
-    split_of[kept[parts["val"]]] = "val"
-    origins = [*data.origins["train"], *data.origins["test"]]
+    if data.val is None:
+        kept = np.flatnonzero(split_of == "train")
+        parts = carve_validation(whole.labels[kept], groups.group[kept], cfg.val_fraction, cfg.seed)
+        split_of[kept[parts["val"]]] = "val"
+    origins = [origin for split in given for origin in data.origins[split]]
     return Assignment(whole, origins, groups, split_of)
 
 

@@ -21,13 +21,14 @@ import numpy as np
 from classifier.atomic import atomic_path, write_json
 from classifier.config import DataParams
 from classifier.data.dataset import ImageSet, write_image_set
-from classifier.data.folders import list_class_folders
+from classifier.data.folders import ClassFolders, list_class_folders
 from classifier.data.raw import (
     FILES_DIR,
     FILES_LAYOUT,
     POOL_DIR,
     POOL_LAYOUT,
     SOURCE_FILE,
+    SPLIT_FILES_LAYOUT,
     SPLIT_LAYOUT,
 )
 from classifier.errors import DataError
@@ -184,37 +185,124 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
+def _link_or_copy(real: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(real, target)
+    except OSError:
+        shutil.copyfile(real, target)
+
+
+def _copy_listings(listings: dict[str, ClassFolders], dest: Path) -> None:
+    """Copy (hard-link where possible) each listing's files into ``dest/<key>/<class>/``."""
+    from tqdm import tqdm
+
+    total = sum(len(found) for listing in listings.values() for found in listing.files.values())
+    with tqdm(
+        total=total, desc="copying images", unit="file", disable=not sys.stderr.isatty()
+    ) as bar:
+        for key, listing in listings.items():
+            for name, found in listing.files.items():
+                for relative, real in found:
+                    _link_or_copy(real, dest / key / name / relative)
+                    bar.update()
+
+
+def _skipped(listing: ClassFolders, prefix: str = "") -> dict[str, list[dict[str, str]]]:
+    """The links and folders ``listing`` skipped, logged, their paths under ``prefix``."""
+    links = [{**link, "link": prefix + link["link"]} for link in listing.skipped_links]
+    folders = [{**one, "folder": prefix + one["folder"]} for one in listing.skipped_folders]
+    for skipped in links:
+        log.warning("skipped link %s -> %s: %s", *skipped.values())
+    for skipped in folders:
+        log.warning("skipped folder %s with %s files: %s", *skipped.values())
+    return {"skipped_links": links, "skipped_folders": folders}
+
+
 def copy_class_folders(source: Path, dest: Path) -> dict[str, object]:
     """Copy (hard-link where possible) one subfolder of files per class.
 
     Links are followed only inside ``source`` (classifier/data/folders.py). Returns the
     files per class and the links skipped.
     """
-    from tqdm import tqdm
-
     listing = list_class_folders(source)
-    total = sum(map(len, listing.files.values()))
-    with tqdm(
-        total=total, desc="copying images", unit="file", disable=not sys.stderr.isatty()
-    ) as bar:
-        for name, found in listing.files.items():
-            for relative, real in found:
-                target = dest / name / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(real, target)
-                except OSError:
-                    shutil.copyfile(real, target)
-                bar.update()
-    for skipped in listing.skipped_links:
-        log.warning("skipped link %s -> %s: %s", *skipped.values())
-    for skipped in listing.skipped_folders:
-        log.warning("skipped folder %s with %s files: %s", *skipped.values())
+    _copy_listings({"": listing}, dest)
     return {
         "files_per_class": {name: len(found) for name, found in listing.files.items()},
-        "skipped_links": listing.skipped_links,
-        "skipped_folders": listing.skipped_folders,
+        **_skipped(listing),
     }
+
+
+# Top folders that name a split, as downloaded image sets name them (Kaggle, CIFAR-10 as
+# image files, many tutorials), and the split each one is.
+SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "testing": "test",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+}
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def split_folders(source: Path, layout: str) -> dict[str, Path] | None:
+    """The split folders of ``source`` by split (``data.layout``: auto, classes or splits),
+    or None where its top folders are the classes."""
+    tops = [p for p in sorted(Path(source).iterdir()) if not _is_hidden(p) and p.is_dir()]
+    named = {path: SPLIT_FOLDERS.get(path.name.lower()) for path in tops}
+    looks_split = all(named.values()) and {"train", "test"} <= set(named.values())
+    if layout == "classes" or (layout == "auto" and not looks_split):
+        return None
+    if not looks_split:
+        raise DataError(
+            f"data.layout is splits, but the top folders of {source} are "
+            f"{[path.name for path in tops]}: expected train/ and test/ (and val/, valid/ or "
+            "validation/ if you have one), each holding the same class folders"
+        )
+    splits: dict[str, Path] = {}
+    for path, split in named.items():
+        if split in splits:
+            raise DataError(f"{source}: {splits[split].name}/ and {path.name}/ are both {split}")
+        splits[split] = path
+    return {split: splits[split] for split in SPLIT_ORDER if split in splits}
+
+
+def copy_split_folders(splits: dict[str, Path], dest: Path) -> dict[str, object]:
+    """Copy each split's class folders into ``dest/<split>/<class>/``; the splits must hold
+    the same classes, or nothing is copied and the difference is named."""
+    listings = {split: list_class_folders(folder) for split, folder in splits.items()}
+    train = set(listings["train"].files)
+    for split, listing in listings.items():
+        lacks, extra = sorted(train - set(listing.files)), sorted(set(listing.files) - train)
+        if lacks or extra:
+            said = [f"lacks {lacks}" if lacks else "", f"has {extra}, not train" if extra else ""]
+            raise DataError(
+                f"{splits[split]}: the {split} split {' and '.join(filter(None, said))}; every "
+                f"split folder must hold the same class folders (or set data.layout: classes "
+                "to read the top folders as classes)"
+            )
+    _copy_listings(listings, dest)
+    skipped = [_skipped(listing, f"{splits[split].name}/") for split, listing in listings.items()]
+    return {
+        "splits": {split: splits[split].name for split in listings},
+        "files_per_class": {
+            split: {name: len(found) for name, found in listing.files.items()}
+            for split, listing in listings.items()
+        },
+        "skipped_links": [link for part in skipped for link in part["skipped_links"]],
+        "skipped_folders": [folder for part in skipped for folder in part["skipped_folders"]],
+    }
+
+
+def copy_image_folder(source: Path, dest: Path, layout: str) -> dict[str, object]:
+    """Class folders, or split folders of class folders (see ``split_folders``)."""
+    splits = split_folders(source, layout)
+    if splits is None:
+        return {"layout": FILES_LAYOUT, **copy_class_folders(source, dest)}
+    log.info("%s: split folders %s, each of class folders", source, list(splits))
+    return {"layout": SPLIT_FILES_LAYOUT, **copy_split_folders(splits, dest)}
 
 
 def _class_root(extracted: Path) -> Path:
@@ -228,10 +316,12 @@ def _class_root(extracted: Path) -> Path:
 
 
 def fetch_folder(cfg: DataParams, out: Path) -> dict[str, object]:
-    """A folder with one subfolder of images per class."""
+    """A folder with one subfolder of images per class, or train/ and test/ of them."""
     folder = local_path(cfg.path)
-    copied = copy_class_folders(folder, out / FILES_DIR)
-    return {"layout": FILES_LAYOUT, "path": str(folder.resolve()), **copied}
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder")
+    copied = copy_image_folder(folder, out / FILES_DIR, cfg.layout)
+    return {"path": str(folder.resolve()), **copied}
 
 
 def fetch_archive(cfg: DataParams, out: Path) -> dict[str, object]:
@@ -254,8 +344,85 @@ def fetch_archive(cfg: DataParams, out: Path) -> dict[str, object]:
             if not archive.is_file():
                 raise DataError(f"data.path: {archive} is not a file")
         extracted = extract_archive(archive, work_dir / "extracted")
-        copied = copy_class_folders(_class_root(extracted), out / FILES_DIR)
-    return {"layout": FILES_LAYOUT, "archive": location, **copied}
+        copied = copy_image_folder(_class_root(extracted), out / FILES_DIR, cfg.layout)
+    return {"archive": location, **copied}
+
+
+# The labels file of a csv source, first found wins, and its column of file names: Kaggle's
+# style, then Hugging Face's imagefolder metadata. Both name the class in ``label``.
+LABEL_FILES = (("labels.csv", "filename"), ("metadata.csv", "file_name"))
+LABEL_COLUMN = "label"
+
+
+def _labelled_files(
+    folder: Path, table: Path, column: str
+) -> tuple[dict[str, list[tuple[str, Path]]], list[dict[str, str]]]:
+    """The files of each label that ``table`` lists, and the rows it cannot use, with why."""
+    import csv
+
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as lines:
+            reader = csv.DictReader(lines)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{table}: not a readable CSV file ({error})") from None
+    if column not in columns or LABEL_COLUMN not in columns:
+        raise DataError(f"{table}: expected the columns {column},{LABEL_COLUMN}; found {columns}")
+    root = folder.resolve()
+    files: dict[str, list[tuple[str, Path]]] = {}
+    seen: dict[str, int] = {}
+    skipped = []
+    for line, row in enumerate(rows, start=2):  # the header is line 1
+        name, label = (row.get(column) or "").strip(), (row.get(LABEL_COLUMN) or "").strip()
+        real = (root / name).resolve()
+        if not name:
+            reason = "no file name"
+        elif not label:
+            reason = "no label"
+        elif label.startswith(".") or "/" in label or "\\" in label:
+            reason = f"the label {label!r} cannot name a class"
+        elif name in seen:
+            reason = f"the file is listed again (first on line {seen[name]})"
+        elif not real.is_relative_to(root):
+            reason = "the file is outside the folder"
+        elif not real.is_file():
+            reason = "no such file"
+        else:
+            seen[name] = line
+            files.setdefault(label, []).append((name, real))
+            continue
+        where = f"{table.name} line {line}"
+        skipped.append({"file": name or f"({where})", "reason": f"{where}: {reason}"})
+    return files, skipped
+
+
+def fetch_csv(cfg: DataParams, out: Path) -> dict[str, object]:
+    """A folder of images and a CSV naming each one's class (see LABEL_FILES)."""
+    folder = local_path(cfg.path)
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder")
+    found = [(folder / name, column) for name, column in LABEL_FILES if (folder / name).is_file()]
+    if not found:
+        raise DataError(
+            f"{folder}: no labels.csv (columns filename,label) or metadata.csv "
+            "(columns file_name,label)"
+        )
+    table, column = found[0]
+    files, skipped = _labelled_files(folder, table, column)
+    if len(files) < 2:
+        raise DataError(f"{table}: need at least 2 labels with files, found {sorted(files)}")
+    for skip in skipped:
+        log.warning("skipped %s: %s", skip["file"], skip["reason"])
+    listing = ClassFolders(files=dict(sorted(files.items())))
+    _copy_listings({"": listing}, out / FILES_DIR)
+    return {
+        "layout": FILES_LAYOUT,
+        "path": str(folder.resolve()),
+        "labels_file": table.name,
+        "files_per_class": {label: len(found) for label, found in listing.files.items()},
+        "skipped_rows": skipped,
+    }
 
 
 SOURCES: dict[str, Callable[[DataParams, Path], dict[str, object]]] = {
@@ -265,6 +432,7 @@ SOURCES: dict[str, Callable[[DataParams, Path], dict[str, object]]] = {
     "idx_dir": fetch_idx_dir,
     "folder": fetch_folder,
     "archive": fetch_archive,
+    "csv": fetch_csv,
 }
 
 

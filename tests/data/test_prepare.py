@@ -139,7 +139,7 @@ def download_photos(tmp_path, **folder_options):
 
     written = make_image_folder(tmp_path / "photos", **folder_options)
     download.run(
-        DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[]),
+        DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[], layout="auto"),
         out_dir=tmp_path / "raw",
     )
     return written
@@ -261,7 +261,7 @@ def download_photo_folder(tmp_path):
 
     copies = write_photo_folder(tmp_path / "photos")
     download.run(
-        DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[]),
+        DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[], layout="auto"),
         out_dir=tmp_path / "raw",
     )
     return copies
@@ -333,7 +333,7 @@ def test_training_copies_of_a_given_test_set_are_reported_and_dropped_if_asked(t
 
     arrays = write_idx_with_copies_of_test_images(tmp_path / "idx")
     download.run(
-        DataParams(source="idx_dir", path=str(tmp_path / "idx"), mirrors=[]),
+        DataParams(source="idx_dir", path=str(tmp_path / "idx"), mirrors=[], layout="auto"),
         out_dir=tmp_path / "raw",
     )
     cfg = project_params(

@@ -11,7 +11,7 @@ from classifier.errors import DataError
 from stages import download
 from tests.helpers import make_image_folder, sha256_of_file, write_idx_files, zip_folder
 
-DIGITS = DataParams(source="digits", path=None, mirrors=[])
+DIGITS = DataParams(source="digits", path=None, mirrors=[], layout="auto")
 
 
 def test_digits_source_writes_all_1797_digits_as_uint8(tmp_path):
@@ -51,7 +51,7 @@ def test_failed_download_keeps_the_previous_output(tmp_path, monkeypatch):
 
 
 def folder_params(path) -> DataParams:
-    return DataParams(source="folder", path=str(path), mirrors=[])
+    return DataParams(source="folder", path=str(path), mirrors=[], layout="auto")
 
 
 def test_folder_source_copies_each_class_folder_and_skips_hidden_files(tmp_path):
@@ -90,7 +90,7 @@ def assert_idx_splits(raw, arrays):
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_dir_source_keeps_the_sources_own_test_split(tmp_path, compress):
     arrays = write_idx_files(tmp_path / "idx", compress=compress)
-    cfg = DataParams(source="idx_dir", path=str(tmp_path / "idx"), mirrors=[])
+    cfg = DataParams(source="idx_dir", path=str(tmp_path / "idx"), mirrors=[], layout="auto")
     assert download.run(cfg, out_dir=tmp_path / "raw")["layout"] == "split"
     assert_idx_splits(tmp_path / "raw", arrays)
     assert read_image_set(tmp_path / "raw" / "test").class_names == tuple("0123456789")
@@ -99,7 +99,7 @@ def test_idx_dir_source_keeps_the_sources_own_test_split(tmp_path, compress):
 def test_idx_dir_without_a_file_names_it(tmp_path):
     write_idx_files(tmp_path / "idx")
     (tmp_path / "idx" / "t10k-labels-idx1-ubyte.gz").unlink()
-    cfg = DataParams(source="idx_dir", path=str(tmp_path / "idx"), mirrors=[])
+    cfg = DataParams(source="idx_dir", path=str(tmp_path / "idx"), mirrors=[], layout="auto")
     with pytest.raises(DataError, match=r"no t10k-labels-idx1-ubyte\.gz"):
         download.run(cfg, out_dir=tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
@@ -116,7 +116,7 @@ def test_mnist_falls_back_from_a_missing_mirror_and_checks_every_file(
     dataset = sources.IdxDataset((f"{base_url}/mnist/",), sums, sources.DIGIT_NAMES)
     monkeypatch.setitem(sources.IDX_DATASETS, "mnist", dataset)
     # The mirror set in params comes first; it has nothing (404), so the next one serves.
-    cfg = DataParams(source="mnist", path=None, mirrors=[f"{base_url}/empty/"])
+    cfg = DataParams(source="mnist", path=None, mirrors=[f"{base_url}/empty/"], layout="auto")
     description = download.run(cfg, out_dir=tmp_path / "raw")
     assert description["mirrors"] == [f"{base_url}/empty/", f"{base_url}/mnist/"]
     assert_idx_splits(tmp_path / "raw", arrays)
@@ -135,7 +135,7 @@ def test_mnist_with_wrong_checksums_names_url_and_file_and_leaves_nothing(
     monkeypatch.setitem(
         sources.IDX_DATASETS, "mnist", sources.IdxDataset((), pinned.sha256, pinned.class_names)
     )
-    cfg = DataParams(source="mnist", path=None, mirrors=[f"{base_url}/mnist/"])
+    cfg = DataParams(source="mnist", path=None, mirrors=[f"{base_url}/mnist/"], layout="auto")
     url = f"{base_url}/mnist/train-images-idx3-ubyte.gz"
     with pytest.raises(DownloadError, match=rf"train-images-idx3-ubyte\.gz.*{url}.*sha256"):
         download.run(cfg, out_dir=tmp_path / "raw")
@@ -145,7 +145,7 @@ def test_mnist_with_wrong_checksums_names_url_and_file_and_leaves_nothing(
 def test_archive_source_extracts_a_zip_of_class_folders_inside_a_top_folder(tmp_path):
     written = make_image_folder(tmp_path / "photos", per_class=3, broken=False)
     zip_folder(tmp_path / "photos", tmp_path / "pets.zip", top="PetImages")
-    cfg = DataParams(source="archive", path=str(tmp_path / "pets.zip"), mirrors=[])
+    cfg = DataParams(source="archive", path=str(tmp_path / "pets.zip"), mirrors=[], layout="auto")
     description = download.run(cfg, out_dir=tmp_path / "raw")
     assert description["files_per_class"] == {"cats": 3, "dogs": 3}
     for name, expected in written.items():
@@ -161,7 +161,7 @@ def test_archive_source_downloads_a_tar_gz_from_a_url(tmp_path, http_server):
     with tarfile.open(served / "pets.tar.gz", "w:gz") as bundle:
         for name in ("cats", "dogs"):
             bundle.add(tmp_path / "photos" / name, arcname=name)
-    cfg = DataParams(source="archive", path=f"{base_url}/pets.tar.gz", mirrors=[])
+    cfg = DataParams(source="archive", path=f"{base_url}/pets.tar.gz", mirrors=[], layout="auto")
     assert download.run(cfg, out_dir=tmp_path / "raw")["files_per_class"] == {"cats": 2, "dogs": 2}
 
 
@@ -173,7 +173,7 @@ def test_archive_escaping_its_folder_is_refused_and_leaves_nothing(tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as bundle:
         bundle.writestr("cats/a.png", b"x")
         bundle.writestr("../../evil.txt", b"owned")
-    cfg = DataParams(source="archive", path=str(tmp_path / "evil.zip"), mirrors=[])
+    cfg = DataParams(source="archive", path=str(tmp_path / "evil.zip"), mirrors=[], layout="auto")
     with pytest.raises(ArchiveError, match=r"evil\.zip.*\.\./\.\./evil\.txt"):
         download.run(cfg, out_dir=tmp_path / "work" / "raw")
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()

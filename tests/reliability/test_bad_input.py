@@ -31,7 +31,7 @@ from tests.helpers import (
     zip_folder,
 )
 
-DIGITS = DataParams(source="digits", path=None, mirrors=[])
+DIGITS = DataParams(source="digits", path=None, mirrors=[], layout="auto")
 
 
 def raw_params() -> dict:
@@ -294,7 +294,7 @@ def outputs_of(root):
 
 def test_broken_images_past_the_allowed_fraction_fail_preprocess_and_keep_its_outputs(tmp_path):
     make_image_folder(tmp_path / "photos", per_class=8)  # 16 good images, 3 broken files
-    folder = DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[])
+    folder = DataParams(source="folder", path=str(tmp_path / "photos"), mirrors=[], layout="auto")
     download.run(folder, out_dir=tmp_path / "raw")
     tolerant = project_params(preprocess=photo_preprocess(max_skipped_fraction=0.2))
     preprocess.run(
@@ -322,7 +322,7 @@ def test_archive_of_files_that_are_not_images_fails_preprocess_and_writes_nothin
     texts = {f"{kind}/{i}.png": f"not a {kind} picture".encode() for kind in "ab" for i in range(3)}
     archive = make_zip(tmp_path / "texts.zip", texts)
     download.run(
-        DataParams(source="archive", path=str(archive), mirrors=[]), out_dir=tmp_path / "raw"
+        DataParams(source="archive", path=str(archive), mirrors=[], layout="auto"), out_dir=tmp_path / "raw"
     )
     params = write_params(tmp_path / "params.yaml", preprocess=photo_preprocess())
     error = failed_in_one_line(preprocess_cli(tmp_path, params), "preprocess")

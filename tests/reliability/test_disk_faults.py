@@ -33,7 +33,7 @@ from tests.helpers import (
     write_params,
 )
 
-DIGITS = DataParams(source="digits", path=None, mirrors=[])
+DIGITS = DataParams(source="digits", path=None, mirrors=[], layout="auto")
 DISK_FREE_BYTES = 50_000  # the digits' images.npy alone is 115 kB
 
 
