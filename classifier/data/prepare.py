@@ -14,12 +14,15 @@ is not used, and training images that duplicate a test image are dropped (with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -75,8 +78,60 @@ def _resized(image_set: ImageSet, cfg: PreprocessParams) -> ImageSet:
     return ImageSet(images, image_set.labels, image_set.class_names)
 
 
+# Images decoded per task sent to a worker process: enough to amortise the round trip.
+DECODE_CHUNK = 16
+# Fewer images than this a worker are decoded in this process: starting one costs more.
+MIN_IMAGES_PER_WORKER = 64
+
+
+def decode_workers(images: int) -> int:
+    """Processes to decode ``images`` on: this process's cores (OMP_NUM_THREADS, where set,
+    is its share of them, as test workers and sweep trials are given), at most one per
+    MIN_IMAGES_PER_WORKER images."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    share = os.environ.get("OMP_NUM_THREADS", "")
+    if share.isdigit() and int(share) > 0:
+        cores = min(cores, int(share))
+    return max(1, min(cores, images // MIN_IMAGES_PER_WORKER))
+
+
+def _decode_file(task: tuple[Path, int, int, int, str]) -> tuple[Any, Any, str | None]:
+    """One file as (pixels, what the source was, None), or (None, None, why unreadable)."""
+    path, height, width, channels, policy = task
+    try:
+        pixels, source = load_image(path, height, width, channels, policy)
+    except UnreadableImage as error:
+        return None, None, str(error)
+    return pixels, source, None
+
+
+@contextlib.contextmanager
+def decoded_files(paths: Sequence[Path], cfg: PreprocessParams) -> Iterator[Iterator[tuple]]:
+    """``_decode_file`` of each path, in the order of ``paths``, on every core it may use.
+
+    A process pool, not threads: decoding and resizing hold the GIL for much of their work.
+    ``map`` hands results back in order, so the output does not depend on which worker was
+    faster. The workers are forked, before any progress bar starts a thread, so they start
+    at once and never run a copy of the caller's ``__main__``.
+    """
+    shape = (cfg.image_height, cfg.image_width, cfg.channels, cfg.resize)
+    tasks = [(path, *shape) for path in paths]
+    workers = decode_workers(len(tasks))
+    if workers == 1:
+        yield map(_decode_file, tasks)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield pool.map(_decode_file, tasks, chunksize=DECODE_CHUNK)
+
+
 def ingest_files(files_dir: Path, cfg: PreprocessParams, work_dir: Path) -> Ingested:
-    """Decode class folders of image files one at a time into a memory-mapped array."""
+    """Decode class folders of image files, on every core, into a memory-mapped array."""
     from tqdm import tqdm
 
     class_dirs = sorted(p for p in files_dir.iterdir() if p.is_dir())
@@ -89,21 +144,22 @@ def ingest_files(files_dir: Path, cfg: PreprocessParams, work_dir: Path) -> Inge
     images = np.lib.format.open_memmap(work_dir / "images.npy", "w+", np.uint8, shape)
     labels = np.empty(len(entries), np.int64)
     origins, sources, skipped = [], [], []
-    for path, label in tqdm(
-        entries, desc="decoding images", unit="image", disable=not sys.stderr.isatty()
-    ):
-        origin = path.relative_to(files_dir).as_posix()
-        try:
-            pixels, source = load_image(
-                path, cfg.image_height, cfg.image_width, cfg.channels, cfg.resize
-            )
-        except UnreadableImage as error:
-            skipped.append({"file": origin, "reason": str(error)})
-            continue
-        images[len(origins)] = pixels
-        labels[len(origins)] = label
-        origins.append(origin)
-        sources.append(source)
+    with decoded_files([path for path, _ in entries], cfg) as results:
+        for (path, label), (pixels, source, unreadable) in tqdm(
+            zip(entries, results, strict=True),
+            total=len(entries),
+            desc="decoding images",
+            unit="image",
+            disable=not sys.stderr.isatty(),
+        ):
+            origin = path.relative_to(files_dir).as_posix()
+            if unreadable is not None:
+                skipped.append({"file": origin, "reason": unreadable})
+                continue
+            images[len(origins)] = pixels
+            labels[len(origins)] = label
+            origins.append(origin)
+            sources.append(source)
 
     if entries and len(skipped) / len(entries) > cfg.max_skipped_fraction:
         examples = "; ".join(f"{s['file']} ({s['reason']})" for s in skipped[:3])

@@ -382,3 +382,27 @@ def test_report_lists_every_planted_copy_with_its_original_and_no_group_crosses(
         assert member[original][:3] == [group, kind, split]
         assert kind == ("near" if copy.endswith(".jpg") else "exact")
         assert label == copy.split("/")[0]
+
+
+def test_decoding_on_several_processes_gives_the_serial_result_in_order(tmp_path, monkeypatch):
+    from classifier.data import prepare
+
+    make_image_folder(tmp_path / "photos", per_class=30, broken=True)
+    values = {"image_height": 20, "image_width": 20, "max_skipped_fraction": 0.2}
+    cfg = project_params(preprocess=values).preprocess
+    monkeypatch.setattr(prepare, "MIN_IMAGES_PER_WORKER", 1)
+    monkeypatch.setattr(prepare, "DECODE_CHUNK", 3)  # many chunks, finishing out of order
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(prepare.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert prepare.decode_workers(60) == 2
+    (tmp_path / "pool").mkdir()
+    pooled = prepare.ingest_files(tmp_path / "photos", cfg, tmp_path / "pool")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert prepare.decode_workers(60) == 1
+    (tmp_path / "serial").mkdir()
+    serial = prepare.ingest_files(tmp_path / "photos", cfg, tmp_path / "serial")
+    np.testing.assert_array_equal(pooled.pool.images, serial.pool.images)
+    np.testing.assert_array_equal(pooled.pool.labels, serial.pool.labels)
+    assert pooled.origins == serial.origins and pooled.skipped == serial.skipped
+    assert len(serial.skipped) == 4  # the broken files, named in the same order
+    assert pooled.source_images.equals(serial.source_images)
