@@ -96,8 +96,9 @@ def _row(label: str, text: str) -> list[str]:
     )
 
 
-def uncommitted_lock(root: Path = Path(".")) -> bool:
-    """Whether dvc.lock differs from git's HEAD (or is new); False outside a git work tree."""
+def uncommitted_lock(root: Path = Path(".")) -> str | None:
+    """``"new"`` if git's HEAD has no dvc.lock, ``"changed"`` if it differs from the work
+    tree's, else None (also outside a git work tree)."""
     try:
         status = subprocess.run(
             ["git", "status", "--porcelain", "--", LOCK_FILE],
@@ -107,13 +108,17 @@ def uncommitted_lock(root: Path = Path(".")) -> bool:
             check=True,
         )
     except (OSError, subprocess.CalledProcessError):
-        return False
-    return bool(status.stdout.strip())
+        return None
+    code = status.stdout[:2]
+    if not code.strip():
+        return None
+    return "new" if code in ("??", "A ") else "changed"
 
 
 # Long because it is the block, row by row, in the order a person reads it.
-def summary_block(files: RunFiles = RunFiles(), *, commit_hint: bool = False) -> str:
-    """The block, from the files the stages wrote; ``commit_hint`` adds what to commit."""
+def summary_block(files: RunFiles = RunFiles(), *, lock: str | None = None) -> str:
+    """The block, from the files the stages wrote; with ``lock`` (what uncommitted_lock
+    says), what to commit and why."""
     evaluate = _read(files.evaluate_metrics)
     registered = _read(files.registered)
     decision = _read(files.decision)
@@ -129,12 +134,18 @@ def summary_block(files: RunFiles = RunFiles(), *, commit_hint: bool = False) ->
         *_row("MLflow", f"make ui, then {ui_url(name, version)}"),
         *_row("compare", COMPARE_HINT),
     ]
-    if commit_hint:
+    if lock == "new":
         rows += _row(
             "commit",
             f"git add {LOCK_FILE} && git commit -m 'Run the pipeline': {LOCK_FILE} records "
-            "this run's results; committed, they are the baseline `dvc exp show` lists and "
-            "experiments compare with (until then its row is all `!`)",
+            "this run's results; committed, they are the baseline that `dvc exp show` lists "
+            "(until then its row is all `!`) and experiments compare with",
+        )
+    elif lock == "changed":
+        rows += _row(
+            "commit",
+            f"{LOCK_FILE} differs from the last commit: commit it, with the params and code "
+            "it ran, to keep this run as the baseline `dvc exp show` compares experiments with",
         )
     rows.append("─" * WIDTH)
     return "\n".join(rows)

@@ -76,11 +76,22 @@ def test_the_block_names_a_version_without_alias_and_the_port_make_ui_was_given(
     assert "http://127.0.0.1:5055/#/models/digits-cnn/versions/3" in block
 
 
+def hint(block: str) -> str:
+    rows = [line for line in block.splitlines() if "─" not in line]
+    start = next(i for i, line in enumerate(rows) if line.startswith("commit "))
+    return " ".join(line[14:] for line in rows[start:])
+
+
 def test_the_commit_hint_says_what_to_commit_and_why(tmp_path):
-    block = summary_block(write_run(tmp_path), commit_hint=True)
-    hint = " ".join(line.strip() for line in block.splitlines() if "─" not in line)
-    assert "git add dvc.lock && git commit -m 'Run the pipeline'" in hint
-    assert "the baseline `dvc exp show` lists" in hint
+    files = write_run(tmp_path)
+    assert hint(summary_block(files, lock="new")) == (
+        "git add dvc.lock && git commit -m 'Run the pipeline': dvc.lock records this run's "
+        "results; committed, they are the baseline that `dvc exp show` lists (until then its "
+        "row is all `!`) and experiments compare with"
+    )
+    assert hint(summary_block(files, lock="changed")).startswith(
+        "dvc.lock differs from the last commit: commit it, with the params and code it ran"
+    )
 
 
 def test_export_leaves_the_block_to_make_run_when_it_prints_it_after_dvc_repro(
@@ -104,15 +115,16 @@ def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
-def test_uncommitted_lock_is_true_for_a_new_or_changed_dvc_lock_only(tmp_path):
-    assert not uncommitted_lock(tmp_path)  # not a git work tree
+def test_uncommitted_lock_tells_a_new_dvc_lock_from_a_changed_one(tmp_path):
+    assert uncommitted_lock(tmp_path) is None  # not a git work tree
     git(tmp_path, "init", "-q")
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
-    assert uncommitted_lock(tmp_path)
+    assert uncommitted_lock(tmp_path) == "new"
     git(tmp_path, "add", "dvc.lock")
+    assert uncommitted_lock(tmp_path) == "new"
     git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "lock")
-    assert not uncommitted_lock(tmp_path)
+    assert uncommitted_lock(tmp_path) is None
     (tmp_path / "params.yaml").write_text("train: {}\n")
-    assert not uncommitted_lock(tmp_path)
+    assert uncommitted_lock(tmp_path) is None
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    assert uncommitted_lock(tmp_path)
+    assert uncommitted_lock(tmp_path) == "changed"

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     block: list[str] = []
 
     def body() -> None:
-        block.append(summary_block(RunFiles(), commit_hint=uncommitted_lock()))
+        block.append(summary_block(RunFiles(), lock=uncommitted_lock()))
 
     code = run_stage("summary", body)
     if block:
