@@ -17,6 +17,7 @@ from classifier.summary import (
     summary_block,
     uncommitted_lock,
 )
+from tests.helpers import PROJECT_ROOT
 
 REASON = (
     "beats digits-cnn@champion (version 1), by at least the margin 0.0: +0.0370 (95% CI "
@@ -128,3 +129,11 @@ def test_uncommitted_lock_tells_a_new_dvc_lock_from_a_changed_one(tmp_path):
     assert uncommitted_lock(tmp_path) is None
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     assert uncommitted_lock(tmp_path) == "changed"
+
+
+def test_make_run_prints_the_summary_after_dvc_repro_and_tells_export_not_to():
+    lines = (PROJECT_ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run:"))
+    recipe = [line.strip() for line in lines[start + 1 :] if line.startswith("\t")][:2]
+    assert recipe == [f"{AFTER_REPRO_ENV}=1 dvc repro", "@python -m tools.summary"]
+    assert lines[start + 3] == ""  # nothing after the summary
