@@ -1,11 +1,12 @@
 """The block a run of the pipeline ends with: what came out, what was registered, where next.
 
 ``make run`` prints it after ``dvc repro`` (tools/summary.py), so it is the last thing on
-the screen, after DVC's own hints, even when every stage was up to date. ``dvc exp run``
-has no step after its stages, so export prints it as its last lines there; DVC then adds
-only "Ran experiment(s)". Everything in it is quoted from what the stages wrote (evaluate's
-and preprocess's metrics, export's decision and registration record), never recomputed
-from a model.
+the screen, after DVC's own hints, even when every stage was up to date. ``dvc repro`` and
+``dvc exp run`` have no step after their stages, so export prints it as its last lines
+there; DVC then adds its own few ("Updating lock file", "Ran experiment(s)"), and
+label_issues, declared after export in dvc.yaml, its two when it reruns. Everything in it
+is quoted from what the stages wrote (evaluate's and preprocess's metrics, export's
+decision and registration record), never recomputed from a model.
 """
 
 from __future__ import annotations
