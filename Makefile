@@ -34,8 +34,10 @@ install: ## create .venv from uv.lock (installs uv first if missing)
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet 'uv>=0.9'
 	$(UV) sync --frozen --python 3.11 --compile-bytecode
 
-run: install ## run the pipeline on the offline default data (dvc repro)
-	dvc repro
+# The summary comes last, after DVC's hints, and also when every stage was up to date.
+run: install ## run the pipeline on the offline default data (dvc repro), then summarise it
+	CLASSIFIER_SUMMARY_AFTER_REPRO=1 dvc repro
+	@python -m tools.summary
 
 test: install ## run the whole test suite (in parallel: one worker per core)
 	python -m pytest -n auto

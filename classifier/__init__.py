@@ -9,8 +9,9 @@ export/      exported formats and their parity, the promotion rule
 serving/     the registered model: images as people have them in, class names out
 """
 
-import os
+from classifier.quiet import quiet_library_noise
 
-# Keep TensorFlow's C++ start-up chatter (INFO and WARNING) out of the pipeline's output.
-# It must be set before TensorFlow is first imported, which any module here may do.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keep TensorFlow's start-up lines and MLflow's progress bars out of the pipeline's output
+# (classifier/quiet.py). It must run before TensorFlow or MLflow is first imported, which
+# any module here may do.
+quiet_library_noise()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from classifier.errors import StageError
+from classifier.quiet import log_tensorflow_through_root
 from classifier.workspace import exclusive_stage
 
 # Paths that several stages read, with the defaults dvc.yaml passes: (default, help).
@@ -115,6 +116,7 @@ def run_stage(name: str, body: Callable[[], object], params: Path | None = None)
     previous = {signum: signal.signal(signum, _on_signal) for signum in INTERRUPTS}
     _received.clear()
     logging.basicConfig(level=level, format=f"%(asctime)s {name}: %(message)s", datefmt="%H:%M:%S")
+    log_tensorflow_through_root()
     try:
         with exclusive_stage(name, params) if params is not None else nullcontext():
             body()

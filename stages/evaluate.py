@@ -35,6 +35,7 @@ from classifier.evaluation.metrics import (
     prediction_rows,
 )
 from classifier.model.files import load_model
+from classifier.model.predict import predict
 from classifier.model.temperature import logits_of, temperature_of
 from classifier.tracking import lineage, runs
 
@@ -71,7 +72,7 @@ def run(
     run_id = lineage.read_run_id(run_info_path)
     test = read_image_set(Path(data_dir) / "test")
     model = load_model(str(model_path))
-    probabilities = model.predict(test.images, batch_size=cfg.batch_size, verbose=0)
+    probabilities = predict(model, test.images, cfg.batch_size)
     predicted = probabilities.argmax(axis=1)
     per_class = per_class_table(test.labels, predicted, test.class_names)
     ece, calibration = calibration_bins(probabilities, test.labels)

@@ -38,8 +38,10 @@ from classifier.errors import StageError
 from classifier.export import formats, model_card
 from classifier.export.promotion import CHAMPION, decide
 from classifier.model.files import load_model
+from classifier.model.predict import predict
 from classifier.serving import prepare
 from classifier.serving.pyfunc import png_frame, probabilities_of
+from classifier.summary import RunFiles, stage_end_block
 from classifier.tracking import lineage, registry, runs
 
 log = logging.getLogger(__name__)
@@ -277,7 +279,7 @@ def run(
     interface = registry.ModelInterface(test.class_names, tuple(keras_model.input_shape[1:]))
     with training.stage("export"):
         comparable_champion(cfg.model_name, interface)
-        reference = keras_model.predict(test.images, PREDICT_BATCH_SIZE, verbose=0)
+        reference = predict(keras_model, test.images, PREDICT_BATCH_SIZE)
         candidate = reference.argmax(axis=1) == test.labels
         report = export_formats(cfg, model_path, data_dir, test, reference, outputs.formats)
         served = prepare_serving(serve, model_path, data_dir, test, report, outputs, training)
@@ -374,7 +376,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
 
-    return run_stage("export", body, params=args.params)
+    code = run_stage("export", body, params=args.params)
+    if code == 0:  # the run's last words (classifier/summary.py)
+        block = stage_end_block(
+            RunFiles(args.evaluate_metrics, args.data_metrics, args.decision, args.out, args.card)
+        )
+        if block:
+            print("\n" + block, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from classifier.errors import DataError, StageError
+from classifier.quiet import native_stderr_filtered
 from classifier.serving import runtime
 
 log = logging.getLogger(__name__)
@@ -195,7 +196,8 @@ def _litert_from_saved_model(saved_model: Path, options: dict[str, Any]) -> byte
                 setattr(converter.target_spec, spec_key, spec_value)
         elif key != "format":
             setattr(converter, key, value)
-    return converter.convert()
+    with native_stderr_filtered():  # its fully_quantize notice (classifier/quiet.py)
+        return converter.convert()
 
 
 def export_with_features(keras_path: Path, fmt: str, path: Path) -> Path:
@@ -238,13 +240,14 @@ def _checked(fmt: str, image_shape: tuple, predict: Runner) -> Runner:
 
 def _keras_runner(path: Path) -> Runner:
     from classifier.model.files import load_model
+    from classifier.model.predict import predict
 
     model = load_model(str(path))
 
-    def predict(images: np.ndarray) -> np.ndarray:
-        return model.predict(images, PREDICT_BATCH_SIZE, verbose=0)
+    def run(images: np.ndarray) -> np.ndarray:
+        return predict(model, images, PREDICT_BATCH_SIZE)
 
-    return _checked("keras", tuple(model.inputs[0].shape[1:]), predict)
+    return _checked("keras", tuple(model.inputs[0].shape[1:]), run)
 
 
 def _saved_model_runner(path: Path) -> Runner:

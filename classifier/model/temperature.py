@@ -11,6 +11,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from classifier.model.predict import predict
+
 TEMPERATURE_LAYER = "temperature"
 LOGITS_LAYER = "logits"
 PROBABILITIES_LAYER = "probabilities"
@@ -47,4 +49,4 @@ def logits_of(model: keras.Model, images: np.ndarray) -> np.ndarray:
     if TEMPERATURE_LAYER not in {layer.name for layer in model.layers}:
         model = with_temperature(model, 1.0)
     logits_model = keras.Model(model.inputs, model.get_layer(LOGITS_LAYER).output)
-    return logits_model.predict(images, batch_size=PREDICT_BATCH_SIZE, verbose=0)
+    return predict(logits_model, images, PREDICT_BATCH_SIZE)

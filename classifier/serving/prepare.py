@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from classifier.model.predict import padded
 from classifier.serving import ood, runtime
 from classifier.serving.pyfunc import (
     PREDICT_BATCH_SIZE,
@@ -201,12 +202,14 @@ def answering(reasons: list[str | None], correct: np.ndarray) -> dict[str, float
 
 
 def outputs_of(loaded: runtime.Runtime, images: np.ndarray) -> dict[str, np.ndarray]:
-    """The runtime's outputs for ``images``, run in batches."""
-    batches = [
-        loaded.run(images[start : start + PREDICT_BATCH_SIZE])
-        for start in range(0, len(images), PREDICT_BATCH_SIZE)
-    ]
-    return {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
+    """The runtime's outputs for ``images``, run in batches of one shape (the last padded:
+    a Keras runtime then traces once, classifier/model/predict.py)."""
+    batches, size = padded(images, PREDICT_BATCH_SIZE)
+    outputs = [loaded.run(batches[start : start + size]) for start in range(0, len(batches), size)]
+    return {
+        name: np.concatenate([batch[name] for batch in outputs])[: len(images)]
+        for name in outputs[0]
+    }
 
 
 def _served_runtime(

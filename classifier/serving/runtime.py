@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from classifier.quiet import native_stderr_filtered
+
 PROBABILITIES = "probabilities"
 FEATURES = "features"
 # The float formats a served model can run on, fastest first: benchmarks/inference.py
@@ -139,7 +141,8 @@ def litert(
             for name, detail in outputs.items()
         }
 
-    interpreter.allocate_tensors()
+    with native_stderr_filtered():  # the XNNPACK notice, once per process (classifier/quiet.py)
+        interpreter.allocate_tensors()
     shape = tuple(int(size) for size in input_detail["shape"][1:])
     return Runtime(fmt, shape, run, tuple(outputs))  # type: ignore[arg-type]
 

@@ -41,6 +41,20 @@ from tests.helpers import (
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("pipeline")]
 
 EPOCHS = 2
+REPRO_OUTPUT = "repro-output.txt"  # beside the repo fixture: what its `dvc repro` printed
+# What TensorFlow, LiteRT and MLflow printed into a run before classifier/quiet.py.
+LIBRARY_NOISE = (
+    "absl::InitializeLog",
+    "I0000",
+    "cuInit",
+    "retracing",
+    "WARNING:tensorflow",
+    "XNNPACK",
+    "fully_quantize",
+    "Downloading artifacts",
+    "INFO mlflow",
+    "pip version",
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +71,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init_git(repo)
     output = run_ok(repo, "dvc", "repro")
     assert stages_run(output) == STAGES
+    (repo.parent / REPRO_OUTPUT).write_text(output)
     return repo
 
 
@@ -114,6 +129,26 @@ def test_repro_writes_every_output_and_metric(repo):
     assert data["images"] == {"train": 1257, "val": 270, "test": 270}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
+
+
+def test_repro_prints_no_library_noise_and_export_ends_with_the_summary(repo):
+    output = (repo.parent / REPRO_OUTPUT).read_text()
+    assert [noise for noise in LIBRARY_NOISE if noise in output] == []
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    accuracy = f"test accuracy {100 * evaluation['accuracy']:.1f} % (95 % CI "
+    header = "── digits-cnn version 1: @champion ──"
+    assert output.index("Running stage 'export'") < output.index(header) < output.index(accuracy)
+
+
+def test_the_summary_make_run_ends_with_quotes_the_run_and_says_to_commit_dvc_lock(repo):
+    # `make run` is `dvc repro`, then this; dvc.lock is new since the repo's commit.
+    block = run_ok(repo, "python", "-m", "tools.summary").strip().splitlines()
+    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert block[0].startswith("── digits-cnn version 1: @champion ──")
+    assert block[1].startswith(f"test accuracy {100 * evaluation['accuracy']:.1f} % (95 % CI ")
+    assert "model card    reports/model_card.md" in block
+    assert any(line.startswith("commit        git add dvc.lock && git commit") for line in block)
+    assert set(block[-1]) == {"─"}
 
 
 def test_repro_tracks_a_finished_run_with_params_epochs_and_commit(repo):
@@ -216,6 +251,9 @@ def test_exp_run_shows_in_exp_show_names_its_run_and_reproduces_the_first_bit_fo
     output = run_ok(clone, "dvc", "exp", "run", "--temp", "--force", "-n", "again")
     assert stages_run(output) == STAGES
     assert "Ran experiment(s): again" in output
+    # Export's last words: the summary, the run's own, without a commit hint (DVC commits).
+    assert "── digits-cnn version 2: " in output and "test accuracy" in output
+    assert "git add dvc.lock && git commit" not in output
     assert not list((clone / ".dvc" / "tmp").rglob("mlflow.db"))
 
     shown = json.loads(run_ok(clone, "dvc", "exp", "show", "--json"))

@@ -173,6 +173,7 @@ def test_registered_model_is_code_and_weights_with_labels_signature_and_example(
         "classifier/data/images.py",
         "classifier/model/__init__.py",
         "classifier/model/files.py",
+        "classifier/quiet.py",
         "classifier/serving/__init__.py",
         "classifier/serving/ood.py",
         "classifier/serving/pyfunc.py",
