@@ -322,7 +322,8 @@ def test_archive_of_files_that_are_not_images_fails_preprocess_and_writes_nothin
     texts = {f"{kind}/{i}.png": f"not a {kind} picture".encode() for kind in "ab" for i in range(3)}
     archive = make_zip(tmp_path / "texts.zip", texts)
     download.run(
-        DataParams(source="archive", path=str(archive), mirrors=[], layout="auto"), out_dir=tmp_path / "raw"
+        DataParams(source="archive", path=str(archive), mirrors=[], layout="auto"),
+        out_dir=tmp_path / "raw",
     )
     params = write_params(tmp_path / "params.yaml", preprocess=photo_preprocess())
     error = failed_in_one_line(preprocess_cli(tmp_path, params), "preprocess")
