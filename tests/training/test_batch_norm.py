@@ -26,6 +26,11 @@ def conv_bn_model(inner: keras.Model | None = None) -> keras.Model:
     return keras.Model(inputs, layers.Dense(2, activation="softmax")(x))
 
 
+def outputs_of(model: keras.Model, tensor, images: np.ndarray) -> np.ndarray:
+    """What ``model`` computes at ``tensor`` for ``images``, in inference mode."""
+    return keras.ops.convert_to_numpy(keras.Model(model.input, tensor)(images, training=False))
+
+
 def test_each_layer_gets_the_exact_mean_and_variance_of_the_inputs_it_sees_when_served():
     keras.utils.set_random_seed(0)
     model = conv_bn_model()
@@ -35,14 +40,31 @@ def test_each_layer_gets_the_exact_mean_and_variance_of_the_inputs_it_sees_when_
     for name in ("bn1", "bn2"):
         layer = model.get_layer(name)
         # What the layer gets from the model with its new statistics, in inference mode.
-        seen = keras.Model(model.input, layer.input).predict(images, verbose=0)
+        seen = outputs_of(model, layer.input, images)
         seen = seen.reshape(-1, seen.shape[-1]).astype(np.float64)
         np.testing.assert_allclose(layer.moving_mean.numpy(), seen.mean(axis=0), rtol=1e-4)
         np.testing.assert_allclose(layer.moving_variance.numpy(), seen.var(axis=0), rtol=1e-4)
     # So each layer's output over the training images is centred and of unit variance.
-    out = keras.Model(model.input, model.get_layer("bn2").output).predict(images, verbose=0)
+    out = outputs_of(model, model.get_layer("bn2").output, images)
     np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0, atol=1e-3)
     np.testing.assert_allclose(out.var(axis=(0, 1, 2)), 1, atol=1e-2)
+
+
+def test_a_large_training_set_is_measured_on_a_fixed_sample(monkeypatch):
+    monkeypatch.setattr(batch_norm, "MAX_IMAGES", 100)
+    images = np.random.default_rng(2).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
+    sample = batch_norm.measured_images(images)
+    assert len(sample) == 100 and len(np.unique(sample.reshape(100, -1), axis=0)) == 100
+    np.testing.assert_array_equal(sample, batch_norm.measured_images(images))  # fixed
+    keras.utils.set_random_seed(0)
+    model = conv_bn_model()
+    batch_norm.recompute_statistics(model, images)
+    layer = model.get_layer("bn1")
+    seen = outputs_of(model, layer.input, sample)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(), seen.reshape(-1, 4).mean(axis=0), rtol=1e-4
+    )
+    assert len(batch_norm.measured_images(images[:100])) == 100  # all of a small set
 
 
 def test_a_nested_model_keeps_its_own_statistics_and_a_model_without_batch_norm_is_left_alone():
