@@ -268,7 +268,8 @@ def registered_model_description(name: str, newest: Any, aliased: Mapping[str, A
         "",
         "```",
         f"make serve MODEL_NAME={name}",
-        f"mlflow models serve -m models:/{name}@champion --env-manager local",
+        f"mlflow models serve -m models:/{name}@champion \\",
+        "  --env-manager local",
         "```",
         "",
     ]
