@@ -304,10 +304,8 @@ def warnings_of(facts: CardFacts) -> list[str]:
     """What a person must see before trusting the model, each as one sentence."""
     warnings = []
     if facts.alias is None:
-        warnings.append(
-            f"No alias: this version is significantly worse than the one it was compared "
-            f"with, and nothing serves it by an alias. {facts.decision.get('reason', '')}."
-        )
+        reason = str(facts.decision.get("reason", "")).removeprefix("no alias: ")
+        warnings.append(f"No alias, so nothing serves this version by one: it is {reason}.")
     floor = facts.decision.get("floor") or {}
     if "value" in floor:
         right, total = (

@@ -362,7 +362,8 @@ def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
     assert not version_3.aliases
     # The card says why, loudly, at its top.
     card = version_3.description.split("\n## ")[0]
-    assert "> ⚠️ **WARNING: No alias: this version is significantly worse" in card
+    assert "> ⚠️ **WARNING: No alias, so nothing serves this version by one: it is " \
+        "significantly worse (alpha 0.05) than champion version 2" in card  # fmt: skip
     # The registered model says what it is, which version is champion, how to serve it.
     registered = client.get_registered_model(model_name)
     assert "10 classes ['0', '1'" in registered.description
@@ -373,6 +374,20 @@ def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
     assert registered.tags["champion.version"] == "2"
     assert registered.tags["challenger.version"] == "none"
     assert registered.tags["model.input"] == "28x28x1"
+
+    # The strong model again, under a margin nothing clears: @challenger (there was none).
+    cfg = params(model_name, floor=0.01, margin=0.5, int8=1.0)
+    again = run_export(trained, tmp_path, cfg, tag="strong-again")
+    assert again["alias"] == "challenger" and again["decision"]["challenger_version"] is None
+    # Once more: now scored against that challenger too, on the same images; a tie moves it.
+    third = run_export(trained, tmp_path, cfg, tag="strong-third")
+    assert (third["version"], third["alias"]) == (5, "challenger")
+    assert third["decision"]["challenger_version"] == 4
+    versus = third["decision"]["versus_challenger"]
+    assert (versus["images"], versus["challenger_only"], versus["champion_only"]) == (270, 0, 0)
+    registered = client.get_registered_model(model_name)
+    assert registered.tags["challenger.version"] == "5"
+    assert "- `@challenger`: version 5, `reference_cnn`" in registered.description
 
 
 def test_failed_export_registers_nothing_and_writes_no_record(

@@ -212,8 +212,10 @@ def test_a_version_with_no_alias_says_why_at_the_top_and_in_promotion(tmp_path):
     reason = "no alias: significantly worse (alpha 0.05) than champion version 2: -0.8593"
     card = model_card.build_card(facts(tmp_path, alias=None, decision={"reason": reason}))
     [warning] = warnings_in(card)
-    assert warning.startswith("> ⚠️ **WARNING: No alias: this version is significantly worse")
-    assert reason in warning
+    assert warning == (
+        "> ⚠️ **WARNING: No alias, so nothing serves this version by one: it is significantly "
+        "worse (alpha 0.05) than champion version 2: -0.8593.**"
+    )
     assert f"Registered under `digits-cnn` with **no alias**: {reason}." in card
     assert "@None" not in card
 
