@@ -31,10 +31,12 @@ def outputs_of(model: keras.Model, tensor, images: np.ndarray) -> np.ndarray:
     return keras.ops.convert_to_numpy(keras.Model(model.input, tensor)(images, training=False))
 
 
-def test_each_layer_gets_the_exact_mean_and_variance_of_the_inputs_it_sees_when_served():
+def test_one_batch_gives_each_layer_the_exact_statistics_of_the_inputs_it_sees_when_served(
+    monkeypatch,
+):
+    monkeypatch.setattr(batch_norm, "BATCH_SIZE", 300)
     keras.utils.set_random_seed(0)
     model = conv_bn_model()
-    # 300 images: more than one pass of batch_norm.BATCH_SIZE, and not a multiple of it.
     images = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
     assert batch_norm.recompute_statistics(model, images) == 2
     for name in ("bn1", "bn2"):
@@ -48,6 +50,25 @@ def test_each_layer_gets_the_exact_mean_and_variance_of_the_inputs_it_sees_when_
     out = outputs_of(model, model.get_layer("bn2").output, images)
     np.testing.assert_allclose(out.mean(axis=(0, 1, 2)), 0, atol=1e-3)
     np.testing.assert_allclose(out.var(axis=(0, 1, 2)), 1, atol=1e-2)
+
+
+def test_statistics_over_several_batches_are_those_of_all_the_images(monkeypatch):
+    keras.utils.set_random_seed(0)
+    model = conv_bn_model()
+    images = np.random.default_rng(1).integers(0, 256, (300, 8, 8, 1), dtype=np.uint8)
+    monkeypatch.setattr(batch_norm, "BATCH_SIZE", 64)  # 5 batches of 60
+    batch_norm.recompute_statistics(model, images)
+    # The first layer's inputs do not depend on any batch norm: exactly all images'.
+    first = model.get_layer("bn1")
+    seen = outputs_of(model, first.input, images).reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(first.moving_mean.numpy(), seen.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(first.moving_variance.numpy(), seen.var(axis=0), rtol=1e-5)
+    # The second's come through the first normalised by each batch, as in training: close
+    # to what it sees when served, not equal.
+    second = model.get_layer("bn2")
+    seen = outputs_of(model, second.input, images).reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(second.moving_mean.numpy(), seen.mean(axis=0), rtol=0.05)
+    np.testing.assert_allclose(second.moving_variance.numpy(), seen.var(axis=0), rtol=0.1)
 
 
 def test_a_large_training_set_is_measured_on_a_fixed_sample(monkeypatch):
