@@ -343,8 +343,12 @@ def run(
         record = {**registered, "decision": summary}
         write_json(outputs.registered, record)
         training.set_tags({**tags, "export.version": str(registered["version"])})
-    alias = "has no alias" if decision.alias is None else f"is @{decision.alias}"
-    log.info("%s version %s %s: %s", cfg.model_name, registered["version"], alias, decision.reason)
+    version = f"{cfg.model_name} version {registered['version']}"
+    if decision.alias is None:
+        why = decision.reason.removeprefix("no alias: ")
+        log.warning("%s has no alias: it is %s (see its model card)", version, why)
+    else:
+        log.info("%s is @%s: %s", version, decision.alias, decision.reason)
     return record
 
 

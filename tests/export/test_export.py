@@ -331,7 +331,7 @@ def test_first_model_below_the_floor_is_only_a_challenger(
 
 @pytest.mark.slow
 def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
-    trained, trained_store, tmp_path, model_name, untrained_model_path
+    trained, trained_store, tmp_path, model_name, untrained_model_path, caplog
 ):
     # An untrained model's int8 copy may differ a lot: only promotion is tested here.
     cfg = params(model_name, floor=0.01, margin=0.02, int8=1.0)
@@ -351,6 +351,11 @@ def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
     assert decision["champion_accuracy"] > 0.8 > decision["candidate_accuracy"]
     assert weak_again["decision"]["reason"].startswith(
         "no alias: significantly worse (alpha 0.05) than champion version 2"
+    )
+    said = [r for r in caplog.records if "version 3 has no alias" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
+    assert "has no alias: it is significantly worse (alpha 0.05) than champion version 2" in (
+        said[0].getMessage()
     )
     # The strong model's promotion was decided on evidence, recorded with it.
     strong_decision = json.loads((tmp_path / "strong-decision.json").read_text())
