@@ -105,7 +105,7 @@ def recompute_statistics(model: keras.Model, images: np.ndarray) -> int:
     images = measured_images(images)
     # Every layer's input at once, in training mode: the layers before it normalise by the
     # batch's own statistics, as in training (and a nested backbone stays in inference).
-    features = keras.Model(model.input, [layer.input for layer in layers])
+    features = keras.Model(model.inputs[0], [layer.input for layer in layers])
     moments = [_Moments(layer.axis) for layer in layers]
     for batch in np.array_split(images, max(1, round(len(images) / BATCH_SIZE))):
         for moment, values in zip(moments, features(batch, training=True), strict=True):
