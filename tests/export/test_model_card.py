@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 
 from classifier.data.dataset import read_image_set
 from classifier.export import model_card
-from classifier.tracking import runs
+from classifier.tracking import runs, store
 
 CLASSES = tuple("0123456789")
 
@@ -163,6 +163,7 @@ def test_a_card_too_long_for_a_version_description_is_cut_at_a_section(tmp_path)
 
 
 def test_the_training_run_gives_the_card_its_params_and_the_data_digests(trained, trained_store):
+    store.connect()  # as export does: an earlier test may have pointed MLflow elsewhere
     run = model_card.TrainingRun.of(runs.get_run(trained.result.run_id))
     assert run.params["train.epochs"] == str(trained.params.train.epochs)
     assert run.end_ms > run.start_ms

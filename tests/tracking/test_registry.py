@@ -2,7 +2,7 @@
 
 import mlflow
 
-from classifier.tracking import registry
+from classifier.tracking import registry, store
 
 CLASSES = '["0", "1", "2"]'
 
@@ -27,6 +27,7 @@ def register(client, run_id, name, accuracy, architecture, alias=None, reason=""
 def test_the_registered_model_says_what_it_is_which_version_is_champion_and_how_to_serve(
     mlflow_store,
 ):
+    store.connect()  # as export does: MLflow on this test's store, whatever ran before
     client = mlflow.MlflowClient()
     client.create_registered_model("digits-cnn")
     with mlflow.start_run() as run:
