@@ -36,7 +36,7 @@ from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set
 from classifier.data.images import ResizePolicy
 from classifier.errors import StageError
 from classifier.export import formats, model_card
-from classifier.export.promotion import CHAMPION, decide
+from classifier.export.promotion import CHALLENGER, CHAMPION, Incumbent, decide
 from classifier.model.files import load_model
 from classifier.model.predict import predict
 from classifier.serving import prepare
@@ -119,9 +119,9 @@ def comparable_champion(
     return champion
 
 
-def score_champion(model_name: str, test: ImageSet) -> Champion:
-    """The current champion's version and its accuracy on ``test``."""
-    found = registry.aliased_model(model_name, CHAMPION)
+def score_champion(model_name: str, test: ImageSet, alias: str = CHAMPION) -> Champion:
+    """The version ``alias`` (the champion) points at, and its accuracy on ``test``."""
+    found = registry.aliased_model(model_name, alias)
     if found is None:
         return Champion()
     version, model = found
@@ -129,10 +129,34 @@ def score_champion(model_name: str, test: ImageSet) -> Champion:
         probabilities = probabilities_of(model.predict(test.images))
     except Exception as error:  # a broken champion: say which, not a traceback
         raise StageError(
-            f"{model_name}@champion (version {version}) cannot score the test images: "
+            f"{model_name}@{alias} (version {version}) cannot score the test images: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
         ) from None
     return Champion(version, probabilities.argmax(axis=1) == test.labels)
+
+
+def score_challenger(
+    model_name: str, test: ImageSet, candidate: registry.ModelInterface, champion: Champion
+) -> Incumbent | None:
+    """The current ``@challenger`` and its answers on ``test``, if it can be compared.
+
+    None when there is none, when it is the champion's version, or when it answers other
+    classes or takes other images (then it is said, and the new model may replace it).
+    """
+    version = registry.aliased_version(model_name, CHALLENGER)
+    if version is None or int(version.version) == champion.version:
+        return None
+    difference = registry.interface_of(version).difference(candidate)
+    if difference is not None:
+        log.info(
+            "%s@challenger (version %s) is not compared: %s",
+            model_name,
+            version.version,
+            difference,
+        )
+        return None
+    scored = score_champion(model_name, test, CHALLENGER)
+    return None if scored.version is None else Incumbent(scored.version, scored.correct)
 
 
 def export_formats(
@@ -284,11 +308,15 @@ def run(
         report = export_formats(cfg, model_path, data_dir, test, reference, outputs.formats)
         served = prepare_serving(serve, model_path, data_dir, test, report, outputs, training)
         champion = score_champion(cfg.model_name, test)
-        decision = decide(candidate, champion.correct, test.labels, cfg, champion.version)
+        challenger = score_challenger(cfg.model_name, test, interface, champion)
+        decision = decide(
+            candidate, champion.correct, test.labels, cfg, champion.version, challenger
+        )
         tags = {
             **decision.tags(),
             **format_tags(report),
             "promotion.candidate_accuracy": f"{candidate.mean():.6f}",
+            registry.TAG_ARCHITECTURE: keras_model.name,
             **(served.tags() if served else {}),
         }
         log_formats(training, report, outputs.formats)
@@ -310,18 +338,19 @@ def run(
         write_json(outputs.decision, summary)
         # Last: the new version and its alias; then the record of it.
         facts = card_facts(cfg, decision, keras_model, test, reference, report, training.run_id)
+        if "data.source" in facts.run.params:
+            tags[registry.TAG_DATA] = facts.run.params["data.source"]
         card = write_card(facts, card_sources, training, outputs.card, model_path)
         registered = registry.register_version(cfg.model_name, logged, decision.alias, tags, card)
         record = {**registered, "decision": summary}
         write_json(outputs.registered, record)
         training.set_tags({**tags, "export.version": str(registered["version"])})
-    log.info(
-        "%s version %s is @%s: %s",
-        cfg.model_name,
-        registered["version"],
-        decision.alias,
-        decision.reason,
-    )
+    version = f"{cfg.model_name} version {registered['version']}"
+    if decision.alias is None:
+        why = decision.reason.removeprefix("no alias: ")
+        log.warning("%s has no alias: it is %s (see its model card)", version, why)
+    else:
+        log.info("%s is @%s: %s", version, decision.alias, decision.reason)
     return record
 
 

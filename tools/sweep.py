@@ -71,10 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         done = promote_best(args.spec, Path("."))
         registered = done.registered
+        alias = registered.get("alias")
         lines.append(
             f"{done.trial} ({done.metric}={done.value:.6g}): registered "
-            f"{registered.get('name')} version {registered.get('version')} as "
-            f"@{registered.get('alias')}: {done.decision.get('reason')}"
+            f"{registered.get('name')} version {registered.get('version')} "
+            f"{'with no alias' if alias is None else f'as @{alias}'}: "
+            f"{done.decision.get('reason')}"
         )
         lines.append("commit it: git add params.yaml dvc.lock && git commit")
 

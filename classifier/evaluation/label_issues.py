@@ -96,6 +96,7 @@ def out_of_fold_probabilities(
     """
     import keras
 
+    from classifier.training import batch_norm
     from classifier.training.loop import fit_epochs, new_model
     from classifier.training.precision import float32_model
 
@@ -115,6 +116,7 @@ def out_of_fold_probabilities(
         # Scored in float32 whatever precision trained it: bfloat16 probabilities carry
         # three digits, and the likeliest errors differ in the sixth.
         scorer = float32_model(model, fold_params, train.image_shape, len(train.class_names))
+        batch_norm.recompute_statistics(scorer, fitted.images)  # as the train stage does
         probabilities[held_out] = scorer.predict(scored.images, batch_size=256, verbose=0)
         accuracy = float((probabilities[held_out].argmax(axis=1) == scored.labels).mean())
         log.info("fold %d of %d: out-of-fold accuracy %.4f", fold + 1, cfg.folds, accuracy)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ class CardFacts:
     """Everything the card says, gathered by the export stage."""
 
     model_name: str
-    alias: str  # champion or challenger
+    alias: str | None  # champion, challenger, or None (no alias: see the decision's reason)
     architecture: str
     parameters: int
     input_shape: tuple[int, ...]
@@ -278,13 +279,60 @@ def _formats_section(facts: CardFacts) -> list[str]:
 
 
 def _decision_section(facts: CardFacts) -> list[str]:
-    decision = facts.decision
+    reason = facts.decision.get("reason", "")
+    if facts.alias is None:
+        said = f"Registered under `{facts.model_name}` with **no alias**: {reason}."
+    else:
+        said = f"Registered as `{facts.model_name}@{facts.alias}`: {reason}."
+    return ["## Promotion", "", said, ""]
+
+
+def zero_f1_classes(facts: CardFacts) -> list[str]:
+    """The classes the model never gets right on the test images (F1 = 0), in class order.
+
+    A class with no test image is not counted: its F1 is undefined, not 0.
+    """
+    labels, predicted = np.asarray(facts.test_labels), np.asarray(facts.test_predicted)
     return [
-        "## Promotion",
-        "",
-        f"Registered as `{facts.model_name}@{facts.alias}`: {decision.get('reason', '')}.",
-        "",
+        name
+        for index, name in enumerate(facts.class_names)
+        if np.any(labels == index) and not np.any((labels == index) & (predicted == index))
     ]
+
+
+def warnings_of(facts: CardFacts) -> list[str]:
+    """What a person must see before trusting the model, each as one sentence."""
+    warnings = []
+    if facts.alias is None:
+        reason = str(facts.decision.get("reason", "")).removeprefix("no alias: ")
+        warnings.append(f"No alias, so nothing serves this version by one: it is {reason}.")
+    floor = facts.decision.get("floor") or {}
+    if "value" in floor:
+        right, total = (
+            int((facts.test_labels == facts.test_predicted).sum()),
+            len(facts.test_labels),
+        )
+        low, high = proportion_interval(right, total)
+        if low <= floor["value"]:
+            what = "always guessing the largest class" if floor.get("kind") == "auto" else "fixed"
+            warnings.append(
+                f"The test accuracy's 95 % interval ({_percent(low)} to {_percent(high)}) "
+                f"reaches down to the accuracy floor, {_percent(floor['value'])} ({what}): "
+                "this model may be no better than the floor."
+            )
+    zero = zero_f1_classes(facts)
+    if zero and 2 * len(zero) >= len(facts.class_names):
+        shown = ", ".join(zero if len(zero) <= 20 else [*zero[:20], "..."])
+        warnings.append(
+            f"{len(zero)} of {len(facts.class_names)} classes have F1 = 0 (no test image of "
+            f"them is recognised): {shown}. The model is broken for most of what it answers."
+        )
+    return warnings
+
+
+def _warnings_section(facts: CardFacts) -> list[str]:
+    """The warnings, loud, at the top of the card; nothing when there is none."""
+    return [line for warning in warnings_of(facts) for line in (f"> ⚠️ **WARNING: {warning}**", "")]
 
 
 def _is_data_or_model(key: str) -> bool:
@@ -340,6 +388,7 @@ def build_card(facts: CardFacts) -> str:
     """The model card of ``facts`` as Markdown."""
     sections = [
         [f"# Model card: {facts.model_name} ({facts.architecture})", ""],
+        _warnings_section(facts),
         _model_section(facts),
         _quality_section(facts),
         _data_section(facts),
@@ -352,8 +401,49 @@ def build_card(facts: CardFacts) -> str:
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"
 
 
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().removeprefix("|").removesuffix("|").split(" | ")]
+
+
+def tables_as_lists(markdown: str) -> str:
+    """``markdown`` with each table (as :func:`_table` writes them) turned into a list.
+
+    MLflow's UI renders a version's description with no table styles at all: no borders,
+    no padding, so cells run together (``0.90692.3 % (95 % CI ...)26``). A list item a
+    row reads the same anywhere: ``- train.epochs: 15`` for a two-column table, ``- **class
+    9**: F1 0.885; recall 100.0 % (...); test images 27`` for a wider one.
+    """
+    lines, out, index = markdown.splitlines(), [], 0
+    while index < len(lines):
+        line = lines[index]
+        is_table = (
+            line.startswith("| ")
+            and index + 1 < len(lines)
+            and re.fullmatch(r"\|(---\|)+", lines[index + 1]) is not None
+        )
+        if not is_table:
+            out.append(line)
+            index += 1
+            continue
+        header = _cells(line)
+        index += 2
+        while index < len(lines) and lines[index].startswith("| "):
+            row = _cells(lines[index])
+            if len(header) == 2:
+                out.append(f"- {row[0]}: {row[1]}")
+            else:
+                rest = "; ".join(
+                    f"{name} {cell}" for name, cell in zip(header[1:], row[1:], strict=False)
+                )
+                out.append(f"- **{header[0]} {row[0]}**: {rest}")
+            index += 1
+    return "\n".join(out) + ("\n" if markdown.endswith("\n") else "")
+
+
 def description_of(card: str, run_id: str) -> str:
-    """The card as a model version description: whole if it fits, else cut at a section."""
+    """The card as a model version description, its tables as lists (MLflow's UI draws
+    tables without borders or padding): whole if it fits, else cut at a section."""
+    card = tables_as_lists(card)
     if len(card) <= MAX_DESCRIPTION_CHARS:
         return card
     note = f"\n\n(Cut to fit; the whole card is `{CARD_FILE}` in MLflow run `{run_id}`.)\n"

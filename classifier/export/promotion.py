@@ -16,7 +16,16 @@ The new version becomes ``@champion`` when:
    ``export.promotion_margin`` *and* McNemar's one-sided exact test says it is better at
    ``export.promotion_alpha``.
 
-Otherwise it is registered as ``@challenger``. The record gives the paired difference in
+Otherwise it is registered, and which alias it gets depends on the same paired test,
+one-sided the other way (is it *worse*?), at ``export.promotion_alpha``:
+
+3. significantly worse than the champion: no alias at all (the record and the model
+   card say why), so a broken model is never the one ``@challenger`` points at;
+4. significantly worse than the current ``@challenger``, scored on the same images: no
+   alias either, the challenger stays;
+5. otherwise it becomes ``@challenger``.
+
+The record gives the paired difference in
 accuracy, ``(b - c) / n``, with a 95 % interval: the exact (Clopper-Pearson) interval of
 ``b / (b + c)``, the quantity McNemar's test is about, carried over to the difference
 (conditional on the ``b + c`` images that differ, as the test is).
@@ -32,6 +41,7 @@ from classifier.config import ExportParams
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+NO_ALIAS = "none"  # promotion.decision of a version that gets no alias
 CONFIDENCE = 0.95
 
 
@@ -47,12 +57,16 @@ class Paired:
     ci_high: float
     p_value: float  # one-sided exact McNemar: the challenger is better
     p_two_sided: float  # two-sided exact McNemar: the two differ
+    p_worse: float = 1.0  # one-sided exact McNemar: the challenger is worse
 
-    def describe(self) -> str:
+    def describe(self, other: str = "champion", *, worse: bool = False) -> str:
+        """The difference, its interval, the split of the images that differ and the p-value
+        of the one-sided test (that it is better, or with ``worse`` that it is worse)."""
+        test = f"p={self.p_worse:.3g} that it is worse" if worse else f"p={self.p_value:.3g}"
         return (
             f"{self.difference:+.4f} ({CONFIDENCE:.0%} CI {self.ci_low:+.4f} to "
             f"{self.ci_high:+.4f}; {self.challenger_only} images right only by it, "
-            f"{self.champion_only} only by the champion; McNemar exact p={self.p_value:.3g})"
+            f"{self.champion_only} only by the {other}; McNemar exact {test})"
         )
 
 
@@ -69,6 +83,7 @@ def compare_paired(challenger_correct: np.ndarray, champion_correct: np.ndarray)
     if discordant == 0:
         return Paired(images, 0, 0, 0.0, 0.0, 0.0, 1.0, 1.0)
     one_sided = binomtest(b, discordant, 0.5, alternative="greater")
+    worse = binomtest(c, discordant, 0.5, alternative="greater")
     two_sided = binomtest(b, discordant, 0.5, alternative="two-sided")
     interval = two_sided.proportion_ci(confidence_level=CONFIDENCE, method="exact")
     scale = discordant / images
@@ -81,6 +96,7 @@ def compare_paired(challenger_correct: np.ndarray, champion_correct: np.ndarray)
         ci_high=scale * (2 * interval.high - 1),
         p_value=float(one_sided.pvalue),
         p_two_sided=float(two_sided.pvalue),
+        p_worse=float(worse.pvalue),
     )
 
 
@@ -132,25 +148,38 @@ class Decision:
     floor: Floor
     paired: Paired | None = None
     champion_version: int | None = None
+    # Not promoted: whether it may take @challenger (False: it is significantly worse than
+    # the champion or the challenger, and gets no alias).
+    challenger: bool = True
+    versus_challenger: Paired | None = None  # against the current @challenger, if scored
+    challenger_version: int | None = None
 
     @property
-    def alias(self) -> str:
-        return CHAMPION if self.promoted else CHALLENGER
+    def alias(self) -> str | None:
+        """The alias the new version gets: champion, challenger, or None."""
+        if self.promoted:
+            return CHAMPION
+        return CHALLENGER if self.challenger else None
 
     def summary(self) -> dict:
         """The decision as the DVC metrics file and the registration record give it."""
         return {
             "promoted": self.promoted,
+            "alias": self.alias,
             "reason": self.reason,
             "champion_version": self.champion_version,
+            "challenger_version": self.challenger_version,
             "floor": asdict(self.floor),
             "paired": None if self.paired is None else asdict(self.paired),
+            "versus_challenger": None
+            if self.versus_challenger is None
+            else asdict(self.versus_challenger),
         }
 
     def tags(self) -> dict[str, str]:
         """The decision as tags, for the model version and the training run."""
         tags = {
-            "promotion.decision": self.alias,
+            "promotion.decision": self.alias or NO_ALIAS,
             "promotion.reason": self.reason,
             "promotion.champion_version": ""
             if self.champion_version is None
@@ -168,26 +197,81 @@ class Decision:
         return tags
 
 
+def significantly_worse(paired: Paired, alpha: float) -> bool:
+    """Whether McNemar's one-sided exact test says the new model is worse, at ``alpha``."""
+    return paired.p_worse < alpha
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """A registered version the new model is scored against, and its answers."""
+
+    version: int
+    correct: np.ndarray
+
+
 def decide(
     candidate_correct: np.ndarray,
     champion_correct: np.ndarray | None,
     labels: np.ndarray,
     cfg: ExportParams,
     champion_version: int | None = None,
+    challenger: Incumbent | None = None,
 ) -> Decision:
-    """The promotion rule (see the module docstring), on per-image right-or-wrong answers."""
+    """The promotion rule (see the module docstring), on per-image right-or-wrong answers.
+
+    ``challenger`` is the current ``@challenger`` and its answers on the same images, if
+    there is one that can be compared.
+    """
     floor = clear_floor(candidate_correct, labels, cfg)
-    if not floor.cleared:
-        return Decision(False, floor.reason, floor, None, champion_version)
     if champion_correct is None:
-        return Decision(True, f"first model to clear the floor: {floor.reason}", floor)
+        if floor.cleared:
+            return Decision(True, f"first model to clear the floor: {floor.reason}", floor)
+        return _challenger_or_none(
+            candidate_correct, floor.reason, floor, None, None, challenger, cfg
+        )
     paired = compare_paired(candidate_correct, champion_correct)
     versus = f"champion version {champion_version}: {paired.describe()}"
-    if paired.difference < cfg.promotion_margin:
+    if significantly_worse(paired, cfg.promotion_alpha):
+        reason = (
+            f"no alias: significantly worse (alpha {cfg.promotion_alpha}) than champion "
+            f"version {champion_version}: {paired.describe(worse=True)}"
+        )
+        return Decision(False, reason, floor, paired, champion_version, challenger=False)
+    if not floor.cleared:
+        reason = floor.reason
+    elif paired.difference < cfg.promotion_margin:
         reason = f"gains less than the margin {cfg.promotion_margin} over {versus}"
-        return Decision(False, reason, floor, paired, champion_version)
-    if paired.p_value >= cfg.promotion_alpha:
+    elif paired.p_value >= cfg.promotion_alpha:
         reason = f"is not significantly better (alpha {cfg.promotion_alpha}) than {versus}"
-        return Decision(False, reason, floor, paired, champion_version)
-    reason = f"beats {versus}, by at least the margin {cfg.promotion_margin}"
-    return Decision(True, reason, floor, paired, champion_version)
+    else:
+        reason = f"beats {versus}, by at least the margin {cfg.promotion_margin}"
+        return Decision(True, reason, floor, paired, champion_version)
+    return _challenger_or_none(
+        candidate_correct, reason, floor, paired, champion_version, challenger, cfg
+    )
+
+
+def _challenger_or_none(
+    candidate_correct: np.ndarray,
+    reason: str,
+    floor: Floor,
+    paired: Paired | None,
+    champion_version: int | None,
+    challenger: Incumbent | None,
+    cfg: ExportParams,
+) -> Decision:
+    """Not promoted: @challenger, unless significantly worse than the current challenger."""
+    evidence = dict(floor=floor, paired=paired, champion_version=champion_version)
+    if challenger is None:
+        return Decision(False, reason, **evidence)
+    versus = compare_paired(candidate_correct, challenger.correct)
+    known = dict(versus_challenger=versus, challenger_version=challenger.version)
+    if significantly_worse(versus, cfg.promotion_alpha):
+        reason = (
+            f"no alias: significantly worse (alpha {cfg.promotion_alpha}) than the current "
+            f"challenger version {challenger.version}, which stays: "
+            f"{versus.describe('challenger', worse=True)}; not promoted: {reason}"
+        )
+        return Decision(False, reason, **evidence, challenger=False, **known)
+    return Decision(False, reason, **evidence, **known)

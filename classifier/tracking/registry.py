@@ -35,6 +35,12 @@ SERVED_MODEL = "classifier.serving.served_model"
 # a challenger can be checked against the champion without loading it.
 TAG_CLASSES = "model.classes"
 TAG_INPUT = "model.input"
+# What each version is and was trained on, for the registered model's description.
+TAG_ARCHITECTURE = "model.architecture"
+TAG_DATA = "data.source"
+TAG_ACCURACY = "promotion.candidate_accuracy"  # the version's test accuracy (export's tag)
+# The registered model's own tags: which version each alias points at.
+ALIASES = ("champion", "challenger")
 # Packages the served model needs, pinned to this environment's versions.
 SERVED_REQUIREMENTS = (
     "mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow", "onnxruntime", "ai-edge-litert",
@@ -176,11 +182,12 @@ def log_served_model(
 def register_version(
     name: str,
     logged: LoggedModel,
-    alias: str,
+    alias: str | None,
     tags: Mapping[str, str] | None = None,
     description: str | None = None,
-) -> dict[str, str | int]:
-    """Make ``logged`` a new version of ``name`` with ``tags``, and point ``alias`` at it.
+) -> dict[str, str | int | None]:
+    """Make ``logged`` a new version of ``name`` with ``tags``, and point ``alias`` at it
+    (None: no alias moves).
 
     Returns name, version, alias, run id and model URI.
     """
@@ -202,8 +209,15 @@ def register_version(
             description=description,
             model_id=logged.model_id,
         )
-        client.set_registered_model_alias(name, alias, version.version)
-    log.info("registered %s version %s as @%s", name, version.version, alias)
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, version.version)
+        describe_registered_model(name, version)
+    log.info(
+        "registered %s version %s %s",
+        name,
+        version.version,
+        "with no alias" if alias is None else f"as @{alias}",
+    )
     return {
         "name": name,
         "version": int(version.version),
@@ -211,6 +225,77 @@ def register_version(
         "run_id": logged.run_id,
         "model_uri": f"models:/{name}/{version.version}",
     }
+
+
+def _version_line(version: Any, label: str) -> str:
+    tags = version.tags or {}
+    accuracy = tags.get(TAG_ACCURACY)
+    shown = "" if accuracy is None else f", test accuracy {100 * float(accuracy):.1f} %"
+    return (
+        f"- {label}: version {version.version}, "
+        f"`{tags.get(TAG_ARCHITECTURE, 'architecture not recorded')}`{shown}"
+    )
+
+
+def registered_model_description(name: str, newest: Any, aliased: Mapping[str, Any]) -> str:
+    """The registered model's description: what it is, its aliases, how to serve it.
+
+    ``newest`` is the version just registered; ``aliased`` maps each alias to its version.
+    """
+    interface = ModelInterface(
+        tuple(json.loads(newest.tags[TAG_CLASSES])),
+        tuple(int(size) for size in newest.tags[TAG_INPUT].split("x")),  # type: ignore[arg-type]
+    )
+    data = newest.tags.get(TAG_DATA, "data not recorded")
+    lines = [
+        f"An image classifier of {interface.describe()} (uint8 pixels, or image files), "
+        f"trained on `{data}` by this project's DVC pipeline; its export stage registers "
+        "every version and moves an alias only on evidence (docs/serving.md, "
+        '"Promoting a model").',
+        "",
+    ]
+    for alias in ALIASES:
+        version = aliased.get(alias)
+        lines.append(
+            f"- `@{alias}`: none yet" if version is None else _version_line(version, f"`@{alias}`")
+        )
+    if not any(int(v.version) == int(newest.version) for v in aliased.values()):
+        reason = (newest.tags or {}).get("promotion.reason", "")
+        lines.append(_version_line(newest, "newest, with no alias") + f" ({reason})")
+    lines += [
+        "",
+        "Serve the champion (each version's own page has its model card):",
+        "",
+        "```",
+        f"make serve MODEL_NAME={name}",
+        f"mlflow models serve -m models:/{name}@champion \\",
+        "  --env-manager local",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def describe_registered_model(name: str, newest: Any) -> None:
+    """Write the registered model's description and tags after ``newest`` was registered."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    newest = client.get_model_version(name, newest.version)  # with the alias just set
+    aliased = {alias: aliased_version(name, alias) for alias in ALIASES}
+    aliased = {alias: version for alias, version in aliased.items() if version is not None}
+    client.update_registered_model(name, registered_model_description(name, newest, aliased))
+    tags = {
+        TAG_CLASSES: newest.tags[TAG_CLASSES],
+        TAG_INPUT: newest.tags[TAG_INPUT],
+        **({TAG_DATA: newest.tags[TAG_DATA]} if TAG_DATA in newest.tags else {}),
+        **{f"{alias}.version": str(version.version) for alias, version in aliased.items()},
+    }
+    for alias in ALIASES:
+        if alias not in aliased:
+            tags[f"{alias}.version"] = "none"
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, value)
 
 
 def _predict_example(artifacts: Mapping[str, str], input_example: pd.DataFrame) -> pd.DataFrame:

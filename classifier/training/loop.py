@@ -33,7 +33,7 @@ from classifier.data.dataset import CLASSES_FILE, ImageSet, read_splits
 from classifier.model.architectures import build_model
 from classifier.model.tta import with_flip_average
 from classifier.tracking import runs
-from classifier.training import distributed, transfer
+from classifier.training import batch_norm, distributed, transfer
 from classifier.training.augment import augment_epoch
 from classifier.training.calibration import calibrate
 from classifier.training.callbacks import (
@@ -327,6 +327,8 @@ class Trainer:
         epoch_logger.finish()
         train = self.splits["train"]
         model = float32_model(self.model, cfg, train.image_shape, len(train.class_names))
+        # Exact statistics for the weights that are saved, whatever the number of steps.
+        batch_norm.recompute_statistics(model, train.images)
         if cfg.tta == "hflip":
             model = with_flip_average(model)  # before the temperature: fitted on both views
         temperature = 1.0

@@ -7,7 +7,7 @@ import pytest
 
 from classifier.config import ExportParams
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set, write_image_set
-from classifier.export import formats, promotion
+from classifier.export import formats, model_card, promotion
 from classifier.model.architectures import build_model
 from classifier.model.files import load_model
 from classifier.serving.pyfunc import png_frame, probabilities_of
@@ -120,6 +120,56 @@ def test_a_significant_gain_below_the_margin_is_not_promoted():
     assert decision.reason.startswith("gains less than the margin 0.1 over champion version 3")
 
 
+def test_a_model_significantly_worse_than_the_champion_gets_no_alias_and_says_why():
+    champion = answers(250, 270)
+    candidate = champion.copy()
+    candidate[np.flatnonzero(champion)[:8]] = False  # 8 images lost, none gained: p = 0.004
+    decision = promotion.decide(candidate, champion, LABELS, params("m", floor="auto"), 3)
+    assert decision.floor.cleared  # 242 of 270 is far above chance: the floor is not enough
+    assert not decision.promoted and decision.alias is None
+    assert decision.paired.p_worse == pytest.approx(0.5**8)
+    assert decision.reason.startswith(
+        "no alias: significantly worse (alpha 0.05) than champion version 3: -0.0296"
+    )
+    assert "McNemar exact p=0.00391 that it is worse" in decision.reason
+    assert decision.tags()["promotion.decision"] == "none"
+    assert decision.summary()["alias"] is None
+    # Four images lost is not evidence (p = 0.0625): it may still take @challenger.
+    lost_four = champion.copy()
+    lost_four[np.flatnonzero(champion)[:4]] = False
+    near = promotion.decide(lost_four, champion, LABELS, params("m", floor="auto"), 3)
+    assert near.alias == "challenger"
+
+
+def test_challenger_moves_only_to_a_model_not_significantly_worse_than_the_current_one():
+    champion = answers(200, 270)
+    current = champion.copy()
+    current[np.flatnonzero(~champion)[:10]] = True  # 10 better than the champion
+    incumbent = promotion.Incumbent(version=4, correct=current)
+    cfg = params("m", floor="auto", margin=0.1)  # a margin nothing here clears
+    # As good as the champion, but 10 images behind the current challenger: p = 0.001.
+    worse = promotion.decide(champion.copy(), champion, LABELS, cfg, 3, incumbent)
+    assert not worse.paired.p_worse < 0.05  # not worse than the champion...
+    assert worse.alias is None  # ...but worse than the challenger, which stays
+    assert worse.challenger_version == 4
+    assert worse.versus_challenger.champion_only == 10
+    assert worse.reason.startswith(
+        "no alias: significantly worse (alpha 0.05) than the current challenger version 4, "
+        "which stays: -0.0370"
+    )
+    assert worse.reason.endswith("not promoted: gains less than the margin 0.1 over champion "
+                                 f"version 3: {worse.paired.describe()}")  # fmt: skip
+    # One image behind it is no evidence: the alias moves to the new model.
+    close = current.copy()
+    close[np.flatnonzero(current)[0]] = False
+    moved = promotion.decide(close, champion, LABELS, cfg, 3, incumbent)
+    assert moved.alias == "challenger" and moved.versus_challenger.champion_only == 1
+    # Without a champion (nothing cleared the floor) the challenger rule still holds.
+    labels = np.zeros(270, int)  # one class: nothing is significantly above guessing it
+    floor_only = promotion.decide(champion.copy(), None, labels, cfg, None, incumbent)
+    assert not floor_only.floor.cleared and floor_only.alias is None
+
+
 def test_the_auto_floor_is_beating_the_largest_class_significantly():
     labels = np.array([0] * 180 + [1] * 90)  # always guessing class 0 scores 2/3
     cfg = params("m", floor="auto")
@@ -162,7 +212,8 @@ def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
     logged = mlflow.artifacts.download_artifacts(
         run_id=trained.result.run_id, artifact_path="model_card.md", tracking_uri=trained_store
     )
-    assert Path(logged).read_text() == version.description
+    # The same card, its tables given as lists (MLflow's UI draws tables without borders).
+    assert model_card.tables_as_lists(Path(logged).read_text()) == version.description
 
     mlflow.set_tracking_uri(trained_store)
     served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
@@ -281,7 +332,7 @@ def test_first_model_below_the_floor_is_only_a_challenger(
 
 @pytest.mark.slow
 def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
-    trained, trained_store, tmp_path, model_name, untrained_model_path
+    trained, trained_store, tmp_path, model_name, untrained_model_path, caplog
 ):
     # An untrained model's int8 copy may differ a lot: only promotion is tested here.
     cfg = params(model_name, floor=0.01, margin=0.02, int8=1.0)
@@ -289,25 +340,60 @@ def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
     strong = run_export(trained, tmp_path, cfg, tag="strong")
     weak_again = run_export(trained, tmp_path, cfg, untrained_model_path, tag="weak-again")
 
-    assert [r["alias"] for r in (weak, strong, weak_again)] == [
-        "champion",
-        "champion",
-        "challenger",
-    ]
+    # The weak model again is significantly worse than the champion: no alias at all.
+    assert [r["alias"] for r in (weak, strong, weak_again)] == ["champion", "champion", None]
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     assert int(client.get_model_version_by_alias(model_name, "champion").version) == 2
-    assert int(client.get_model_version_by_alias(model_name, "challenger").version) == 3
+    assert registry.aliased_version(model_name, "challenger") is None
 
     decision = json.loads((tmp_path / "weak-again-decision.json").read_text())
-    assert decision["promoted"] is False
+    assert decision["promoted"] is False and decision["alias"] is None
     assert decision["champion_version"] == 2
     assert decision["champion_accuracy"] > 0.8 > decision["candidate_accuracy"]
-    assert weak_again["decision"]["reason"].startswith("gains less than the margin 0.02 over")
+    assert weak_again["decision"]["reason"].startswith(
+        "no alias: significantly worse (alpha 0.05) than champion version 2"
+    )
+    said = [r for r in caplog.records if "version 3 has no alias" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING"]
+    assert "has no alias: it is significantly worse (alpha 0.05) than champion version 2" in (
+        said[0].getMessage()
+    )
     # The strong model's promotion was decided on evidence, recorded with it.
     strong_decision = json.loads((tmp_path / "strong-decision.json").read_text())
     assert strong_decision["paired"]["p_value"] < 0.05
     assert strong_decision["paired"]["ci_low"] > 0
-    assert client.get_model_version(model_name, "3").tags["promotion.decision"] == "challenger"
+    version_3 = client.get_model_version(model_name, "3")
+    assert version_3.tags["promotion.decision"] == "none"
+    assert version_3.tags["model.architecture"] == "reference_cnn"
+    assert not version_3.aliases
+    # The card says why, loudly, at its top.
+    card = version_3.description.split("\n## ")[0]
+    assert "> ⚠️ **WARNING: No alias, so nothing serves this version by one: it is " \
+        "significantly worse (alpha 0.05) than champion version 2" in card  # fmt: skip
+    # The registered model says what it is, which version is champion, how to serve it.
+    registered = client.get_registered_model(model_name)
+    assert "10 classes ['0', '1'" in registered.description
+    assert "- `@champion`: version 2, `reference_cnn`, test accuracy" in registered.description
+    assert "- `@challenger`: none yet" in registered.description
+    assert "- newest, with no alias: version 3" in registered.description
+    assert f"mlflow models serve -m models:/{model_name}@champion" in registered.description
+    assert registered.tags["champion.version"] == "2"
+    assert registered.tags["challenger.version"] == "none"
+    assert registered.tags["model.input"] == "28x28x1"
+
+    # The strong model again, under a margin nothing clears: @challenger (there was none).
+    cfg = params(model_name, floor=0.01, margin=0.5, int8=1.0)
+    again = run_export(trained, tmp_path, cfg, tag="strong-again")
+    assert again["alias"] == "challenger" and again["decision"]["challenger_version"] is None
+    # Once more: now scored against that challenger too, on the same images; a tie moves it.
+    third = run_export(trained, tmp_path, cfg, tag="strong-third")
+    assert (third["version"], third["alias"]) == (5, "challenger")
+    assert third["decision"]["challenger_version"] == 4
+    versus = third["decision"]["versus_challenger"]
+    assert (versus["images"], versus["challenger_only"], versus["champion_only"]) == (270, 0, 0)
+    registered = client.get_registered_model(model_name)
+    assert registered.tags["challenger.version"] == "5"
+    assert "- `@challenger`: version 5, `reference_cnn`" in registered.description
 
 
 def test_failed_export_registers_nothing_and_writes_no_record(

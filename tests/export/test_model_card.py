@@ -12,7 +12,7 @@ from scipy.stats import binomtest
 
 from classifier.data.dataset import read_image_set
 from classifier.export import model_card
-from classifier.tracking import runs
+from classifier.tracking import runs, store
 
 CLASSES = tuple("0123456789")
 
@@ -153,18 +153,84 @@ def test_a_missing_source_is_said_to_be_missing_not_guessed(tmp_path):
 
 def test_a_card_too_long_for_a_version_description_is_cut_at_a_section(tmp_path):
     card = model_card.build_card(facts(tmp_path))
-    assert model_card.description_of(card, "abc123") == card  # a digits card fits
+    listed = model_card.tables_as_lists(card)
+    assert model_card.description_of(card, "abc123") == listed  # a digits card fits
     long = card + "\n## Appendix\n\n" + "x" * model_card.MAX_DESCRIPTION_CHARS
     cut = model_card.description_of(long, "abc123")
     assert len(cut) <= model_card.MAX_DESCRIPTION_CHARS
-    assert cut.startswith(card.rstrip()) and "## Appendix" not in cut
+    assert cut.startswith(listed.rstrip()) and "## Appendix" not in cut
     assert "the whole card is `model_card.md` in MLflow run `abc123`" in cut
 
 
 def test_the_training_run_gives_the_card_its_params_and_the_data_digests(trained, trained_store):
+    store.connect()  # as export does: an earlier test may have pointed MLflow elsewhere
     run = model_card.TrainingRun.of(runs.get_run(trained.result.run_id))
     assert run.params["train.epochs"] == str(trained.params.train.epochs)
     assert run.end_ms > run.start_ms
     train = read_image_set(trained.data_dir / "train")
     digest = mlflow.data.from_numpy(train.images, targets=train.labels).digest
     assert (f"{trained.params.data.source}-train", digest, "training") in run.datasets
+
+
+def warnings_in(card: str) -> list[str]:
+    return [line for line in card.splitlines() if line.startswith("> ⚠️ **WARNING:")]
+
+
+def test_a_sound_model_has_no_warning(tmp_path):
+    floor = {"value": 0.1, "kind": "auto"}  # 263 of 270 right: far above
+    decision = {"promoted": True, "reason": "beats champion version 1", "floor": floor}
+    card = model_card.build_card(facts(tmp_path, alias="champion", decision=decision))
+    assert warnings_in(card) == []
+
+
+def test_an_interval_reaching_down_to_the_floor_is_a_loud_warning_at_the_top(tmp_path):
+    # 263 of 270 right: the 95 % interval is 94.7 % to 99.0 %.
+    low = binomtest(263, 270).proportion_ci(0.95, method="exact").low
+    decision = {"reason": "r", "floor": {"value": round(low, 4) + 0.001, "kind": "fixed"}}
+    card = model_card.build_card(facts(tmp_path, decision=decision))
+    [warning] = warnings_in(card)
+    assert card.index(warning) < card.index("## What it is")
+    assert "interval (94.7 % to 99.0 %) reaches down to the accuracy floor, 94.8 % (fixed)" in (
+        warning
+    )
+    decision["floor"]["value"] = round(low, 4) - 0.001  # just below the interval: no warning
+    assert warnings_in(model_card.build_card(facts(tmp_path, decision=decision))) == []
+
+
+def test_half_the_classes_with_f1_zero_is_a_loud_warning(tmp_path):
+    labels = np.arange(270) % 10
+    predicted = np.where(labels < 5, labels, 0)  # classes 5-9 never predicted: F1 = 0
+    card = model_card.build_card(facts(tmp_path, test_predicted=predicted))
+    [warning] = warnings_in(card)
+    assert "5 of 10 classes have F1 = 0 (no test image of them is recognised): 5, 6, 7, 8, 9" in (
+        warning
+    )
+    four = np.where(labels < 6, labels, 0)  # 4 of 10: under half, no warning
+    assert warnings_in(model_card.build_card(facts(tmp_path, test_predicted=four))) == []
+
+
+def test_a_version_with_no_alias_says_why_at_the_top_and_in_promotion(tmp_path):
+    reason = "no alias: significantly worse (alpha 0.05) than champion version 2: -0.8593"
+    card = model_card.build_card(facts(tmp_path, alias=None, decision={"reason": reason}))
+    [warning] = warnings_in(card)
+    assert warning == (
+        "> ⚠️ **WARNING: No alias, so nothing serves this version by one: it is significantly "
+        "worse (alpha 0.05) than champion version 2: -0.8593.**"
+    )
+    assert f"Registered under `digits-cnn` with **no alias**: {reason}." in card
+    assert "@None" not in card
+
+
+def test_the_description_lists_each_table_row_as_mlflow_draws_tables_without_borders(tmp_path):
+    card = model_card.build_card(facts(tmp_path))
+    description = model_card.description_of(card, "abc123")
+    assert "|" not in description  # MLflow's UI ran the cells together: 0.885100.0 %...
+    lines = description.splitlines()
+    assert "- train.epochs: 15" in lines  # a two-column table: name, then value
+    assert f"- **class 9**: F1 0.885; recall {interval_text(27, 27)}; test images 27" in lines
+    assert "- **format tflite_int8**: shipped no: loses 2.2 points; max probability diff vs " \
+        "Keras 0.03; test accuracy 95.2 %; size 0.10 MB" in lines  # fmt: skip
+    assert "- DVC md5 of data/prepared: `feedbeef.dir`" in lines
+    # Everything else is the card's own text, in the card's order.
+    prose = [line for line in card.splitlines() if not line.startswith("|")]
+    assert [line for line in lines if line in set(prose)] == prose

@@ -236,9 +236,11 @@ def test_changing_epochs_reruns_train_evaluate_export_and_recovers_from_a_sigkil
     assert closed.info.status == "KILLED"
     assert closed.data.tags["process.orphaned"].endswith("ended, run open")
     assert [r.info.run_id for r in all_runs(clone) if r.info.status == "KILLED"] == killed
-    # One epoch is worse than two: registered, but the champion stays where it was.
+    # One epoch is significantly worse than two (84 % against 92 % on the digits): it is
+    # registered with no alias at all, and the champion stays where it was.
     record = json.loads((clone / "lineage/registered_model.json").read_text())
-    assert (record["version"], record["alias"]) == (2, "challenger")
+    assert (record["version"], record["alias"]) == (2, None)
+    assert record["decision"]["reason"].startswith("no alias: significantly worse")
     champion = client(clone).get_model_version_by_alias("digits-cnn", "champion")
     assert int(champion.version) == 1
 
