@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from classifier.atomic import atomic_path, check_writable, write_json, write_text
@@ -34,13 +33,18 @@ from classifier.cli import MODEL, PREPARED, RUN_INFO, exit_process, run_stage, s
 from classifier.config import ExportParams, ServeParams, load_params
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set
 from classifier.data.images import ResizePolicy
-from classifier.errors import StageError
 from classifier.export import formats, model_card
-from classifier.export.promotion import CHALLENGER, CHAMPION, Incumbent, decide
+from classifier.export.incumbents import (
+    best_earlier_version,
+    comparable_champion,
+    score_challenger,
+    score_champion,
+)
+from classifier.export.promotion import decide
 from classifier.model.files import load_model
 from classifier.model.predict import predict
 from classifier.serving import prepare
-from classifier.serving.pyfunc import png_frame, probabilities_of
+from classifier.serving.pyfunc import png_frame
 from classifier.summary import RunFiles, stage_end_block
 from classifier.tracking import lineage, registry, runs
 
@@ -81,82 +85,6 @@ class ExportOutputs:
             serving_plots=folder / "serving-plots",
             card=folder / model_card.CARD_FILE,
         )
-
-
-class IncomparableChampion(StageError):
-    """The champion answers other classes, or takes other images: it cannot be compared."""
-
-
-@dataclass(frozen=True)
-class Champion:
-    """The registered model's current champion: its version, and which test images it gets
-    right."""
-
-    version: int | None = None
-    correct: np.ndarray | None = None
-
-    @property
-    def accuracy(self) -> float | None:
-        return None if self.correct is None else float(np.mean(self.correct))
-
-
-def comparable_champion(
-    model_name: str, candidate: registry.ModelInterface
-) -> registry.ModelInterface | None:
-    """The champion's interface; IncomparableChampion if it is not the candidate's."""
-    version = registry.aliased_version(model_name, CHAMPION)
-    if version is None:
-        return None
-    champion = registry.interface_of(version)
-    difference = champion.difference(candidate)
-    if difference is not None:
-        raise IncomparableChampion(
-            f"{model_name}@champion (version {version.version}) answers {champion.describe()}; "
-            f"this model answers {candidate.describe()}: {difference}, so the two cannot be "
-            f"compared and nothing was registered. Register it under its own name: "
-            f"dvc exp run -S export.model_name=<a new name>"
-        )
-    return champion
-
-
-def score_champion(model_name: str, test: ImageSet, alias: str = CHAMPION) -> Champion:
-    """The version ``alias`` (the champion) points at, and its accuracy on ``test``."""
-    found = registry.aliased_model(model_name, alias)
-    if found is None:
-        return Champion()
-    version, model = found
-    try:
-        probabilities = probabilities_of(model.predict(test.images))
-    except Exception as error:  # a broken champion: say which, not a traceback
-        raise StageError(
-            f"{model_name}@{alias} (version {version}) cannot score the test images: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
-        ) from None
-    return Champion(version, probabilities.argmax(axis=1) == test.labels)
-
-
-def score_challenger(
-    model_name: str, test: ImageSet, candidate: registry.ModelInterface, champion: Champion
-) -> Incumbent | None:
-    """The current ``@challenger`` and its answers on ``test``, if it can be compared.
-
-    None when there is none, when it is the champion's version, or when it answers other
-    classes or takes other images (then it is said, and the new model may replace it).
-    """
-    version = registry.aliased_version(model_name, CHALLENGER)
-    if version is None or int(version.version) == champion.version:
-        return None
-    difference = registry.interface_of(version).difference(candidate)
-    if difference is not None:
-        log.info(
-            "%s@challenger (version %s) is not compared: %s",
-            model_name,
-            version.version,
-            difference,
-        )
-        return None
-    scored = score_champion(model_name, test, CHALLENGER)
-    return None if scored.version is None else Incumbent(scored.version, scored.correct)
 
 
 def export_formats(
@@ -308,9 +236,17 @@ def run(
         report = export_formats(cfg, model_path, data_dir, test, reference, outputs.formats)
         served = prepare_serving(serve, model_path, data_dir, test, report, outputs, training)
         champion = score_champion(cfg.model_name, test)
+        if champion.version is None:
+            champion = best_earlier_version(cfg.model_name, test, interface)
         challenger = score_challenger(cfg.model_name, test, interface, champion)
         decision = decide(
-            candidate, champion.correct, test.labels, cfg, champion.version, challenger
+            candidate,
+            champion.correct,
+            test.labels,
+            cfg,
+            champion.version,
+            challenger,
+            champion.name,
         )
         tags = {
             **decision.tags(),

@@ -217,11 +217,13 @@ def decide(
     cfg: ExportParams,
     champion_version: int | None = None,
     challenger: Incumbent | None = None,
+    champion_name: str | None = None,
 ) -> Decision:
     """The promotion rule (see the module docstring), on per-image right-or-wrong answers.
 
     ``challenger`` is the current ``@challenger`` and its answers on the same images, if
-    there is one that can be compared.
+    there is one that can be compared. ``champion_name`` says what the champion's answers
+    are of, where they are not the ``@champion``'s (``champion version N`` by default).
     """
     floor = clear_floor(candidate_correct, labels, cfg)
     if champion_correct is None:
@@ -231,11 +233,12 @@ def decide(
             candidate_correct, floor.reason, floor, None, None, challenger, cfg
         )
     paired = compare_paired(candidate_correct, champion_correct)
-    versus = f"champion version {champion_version}: {paired.describe()}"
+    champion_name = champion_name or f"champion version {champion_version}"
+    versus = f"{champion_name}: {paired.describe()}"
     if significantly_worse(paired, cfg.promotion_alpha):
         reason = (
-            f"no alias: significantly worse (alpha {cfg.promotion_alpha}) than champion "
-            f"version {champion_version}: {paired.describe(worse=True)}"
+            f"no alias: significantly worse (alpha {cfg.promotion_alpha}) than "
+            f"{champion_name}: {paired.describe(worse=True)}"
         )
         return Decision(False, reason, floor, paired, champion_version, challenger=False)
     if not floor.cleared:

@@ -361,6 +361,23 @@ def aliased_model(name: str, alias: str) -> tuple[int, Any] | None:
         return int(version.version), mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
 
 
+def versions_of(name: str) -> list[Any]:
+    """Every version of the registered model ``name``, newest first; none if it does not exist."""
+    import mlflow
+
+    with reporting_errors():
+        found = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    return sorted(found, key=lambda version: int(version.version), reverse=True)
+
+
+def version_model(name: str, version: int) -> Any:
+    """Version ``version`` of ``name``, loaded as pyfunc."""
+    import mlflow
+
+    with reporting_errors():
+        return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+
+
 def newest_version_of_run(run_id: str) -> tuple[str, Any] | None:
     """The newest version registered from ``run_id``: ("name vN @aliases", its pyfunc)."""
     import mlflow

@@ -7,7 +7,7 @@ import pytest
 
 from classifier.config import ExportParams
 from classifier.data.dataset import CLASSES_FILE, ImageSet, read_image_set, write_image_set
-from classifier.export import formats, model_card, promotion
+from classifier.export import formats, incumbents, model_card, promotion
 from classifier.model.architectures import build_model
 from classifier.model.files import load_model
 from classifier.serving.pyfunc import png_frame, probabilities_of
@@ -396,6 +396,28 @@ def test_the_better_model_is_promoted_and_a_worse_one_never_moves_the_champion(
     assert "- `@challenger`: version 5, `reference_cnn`" in registered.description
 
 
+@pytest.mark.slow
+def test_with_the_champion_alias_removed_a_worse_model_is_held_to_the_best_earlier_one(
+    trained, trained_store, tmp_path, model_name, untrained_model_path, caplog
+):
+    cfg = params(model_name, floor=0.01, int8=1.0)
+    strong = run_export(trained, tmp_path, cfg, tag="strong")
+    assert strong["alias"] == "champion"
+    mlflow.MlflowClient(tracking_uri=trained_store).delete_registered_model_alias(
+        model_name, "champion"
+    )  # by hand, in the UI, say
+    weak = run_export(trained, tmp_path, cfg, untrained_model_path, tag="weak")
+    # Not "the first model to clear the floor": the strong version 1 stands in for the
+    # champion, and the weak one is significantly worse than it.
+    assert weak["alias"] is None
+    assert weak["decision"]["champion_version"] == 1
+    assert weak["decision"]["reason"].startswith(
+        "no alias: significantly worse (alpha 0.05) than version 1, the most accurate of the "
+        "1 newest earlier versions (none is @champion)"
+    )
+    assert f"{model_name} has no @champion: comparing with version 1" in caplog.text
+
+
 def test_failed_export_registers_nothing_and_writes_no_record(
     trained, trained_store, tmp_path, model_name
 ):
@@ -468,7 +490,7 @@ def test_a_champion_of_other_classes_or_images_is_never_compared_and_nothing_mov
 ):
     prepared, model_path, run_info = candidate_of(tmp_path, class_names, shape)
     outputs = ExportOutputs.under(tmp_path / "out")
-    with pytest.raises(export.IncomparableChampion) as raised:
+    with pytest.raises(incumbents.IncomparableChampion) as raised:
         export.run(
             params(FOREIGN_CHAMPION, floor=0.0),
             resize="stretch",
