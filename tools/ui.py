@@ -19,8 +19,8 @@ address with ``?workflowType=machine_learning`` does not, so the experiments lis
 breadcrumb and the plain experiment address of a fresh browser open the GenAI overview.
 No server setting or variable changes it. So this server adds one script to the UI's page
 that sets the defaults in the browser where they are unset (a person's own choice in the
-switch, or their own columns, stay theirs): the model training view, and the runs table's
-columns for the pipeline's experiment.
+switch, or their own columns, stay theirs): the model training view, and for the
+pipeline's experiment the runs table's columns and the chart sections' order.
 """
 
 from __future__ import annotations
@@ -67,6 +67,10 @@ RUN_COLUMNS = (
     ("params", "train.epochs"),
     ("attributes", "Models"),
 )
+# The chart view's sections, first: MLflow names a section after a metric's name up to its
+# last `/` and sorts the sections by name (format/onnx, serving/..., test, train, val) unless
+# the page's state says they were reordered; then the sections of other metrics follow.
+CHART_SECTIONS_FIRST = tuple(prefix.rstrip("/") for prefix in (names.TEST, names.TRAIN, names.VAL))
 # How the server tells its workers the defaults; MLflow passes the environment on.
 DEFAULTS_VARIABLE = "CLASSIFIER_UI_DEFAULTS"
 # What MLflow's `mlflow ui` serves, and what this module serves in its place.
@@ -87,7 +91,17 @@ def browser_defaults(experiment_id: str) -> dict[str, str]:
     return {
         WORKFLOW_TYPE_KEY: json.dumps(MODEL_TRAINING),
         ASSISTANT_OPENED_KEY: json.dumps(True),
-        page: json.dumps({"selectedColumns": columns}),
+        page: json.dumps(
+            {
+                "selectedColumns": columns,
+                "compareRunCharts": [],
+                "compareRunSections": [
+                    {"uuid": f"section-{name}", "name": name, "display": True, "isReordered": False}
+                    for name in CHART_SECTIONS_FIRST
+                ],
+                "isAccordionReordered": True,
+            }
+        ),
     }
 
 

@@ -5,6 +5,7 @@ project's names; headless Chromium, each test with a fresh profile, opens the UI
 person does and reads the page the app rendered.
 """
 
+import re
 import sys
 from collections.abc import Iterator
 
@@ -55,7 +56,11 @@ def ui(tmp_path_factory) -> Iterator[tuple[str, str]]:
                         {names.TRAIN_LOSS: 1 / epoch, names.VAL_LOSS: 1.1 / epoch}, step=epoch
                     )
                 mlflow.log_metrics(
-                    {names.TEST_ACCURACY: accuracy, names.TEST_MACRO_F1: accuracy - 0.01}
+                    {
+                        names.TEST_ACCURACY: accuracy,
+                        names.TEST_MACRO_F1: accuracy - 0.01,
+                        names.format_metric("onnx", "max_abs_diff"): 1e-6,
+                    }
                 )
     port = free_port()
     command = [sys.executable, "-m", "tools.ui", "--host", "127.0.0.1", "--port", str(port)]
@@ -123,3 +128,13 @@ def test_a_person_who_chose_the_genai_view_keeps_it(ui, tmp_path):
         assert page.wait_for("location.hash.includes('workflowType=genai')")
         page.open(f"{base}/#/experiments/{experiment_id}")
         assert page.wait_for("location.hash.includes('/overview')"), page.text()[:800]
+
+
+def test_the_chart_view_opens_on_the_test_metrics_and_the_learning_curves(ui, tmp_path):
+    """MLflow would sort the sections by name: `format/onnx` first."""
+    base, experiment_id = ui
+    with browser(tmp_path) as page:
+        page.open(f"{base}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART")
+        assert page.wait_for("document.body.innerText.includes('format/onnx')"), page.text()[:800]
+        sections = re.findall(r"^(\S+)\n\(\d+\)$", page.text(), re.MULTILINE)
+        assert sections == ["test", "train", "val", "format/onnx"]
