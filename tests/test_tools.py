@@ -26,6 +26,20 @@ def test_ui_on_a_port_in_use_exits_1_in_one_line(capsys):
     )
 
 
+def test_ui_takes_a_port_whose_server_stopped_a_moment_ago():
+    """The server's side of a closed connection waits out TIME_WAIT on the port; MLflow's
+    server binds over it, so the check must not call the port taken."""
+    port = free_port()
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = server.accept()
+            accepted.close()  # the server closes first: its port enters TIME_WAIT
+    ui.check_port_free("127.0.0.1", port)
+
+
 def test_serve_with_no_registered_model_exits_1_in_one_line(mlflow_store, capsys):
     assert serve.main(["--model-name", "never-registered"]) == 1
     assert capsys.readouterr().err == (

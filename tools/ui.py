@@ -190,6 +190,9 @@ def create_app() -> BrowserDefaults:
 def check_port_free(host: str, port: int) -> None:
     """Raise if something listens on ``host:port`` already."""
     with socket.socket() as probe:
+        # As the server binds: connections of a server stopped a moment ago (TIME_WAIT) do
+        # not hold the port, a listening socket does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as error:
