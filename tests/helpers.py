@@ -956,22 +956,6 @@ def clone_repo(source: Path, dest: Path) -> Path:
 CHROMIUM_WAIT_MS = 20_000  # virtual time for scripts to draw; Chromium stops early when idle
 
 
-def chromium_or_skip() -> str:
-    """Chromium's path; installs Debian's package when missing, else skips with the reason."""
-    found = shutil.which("chromium")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium"],
-            capture_output=True,
-            timeout=600,
-            check=False,
-        )
-        found = shutil.which("chromium")
-    if found is None:
-        pytest.skip("chromium is missing and `apt-get install -y chromium` did not install it")
-    return found
-
-
 def _without_network() -> list[str]:
     """A prefix that runs a command in a network namespace of its own (no network at all)
     where the kernel allows it; Chromium's own flags below block the network anyway."""
@@ -985,7 +969,7 @@ def offline_chromium(url: str, *options: str) -> subprocess.CompletedProcess[str
     """Headless Chromium on ``url`` with no network: any http(s) request fails."""
     command = [
         *_without_network(),
-        chromium_or_skip(),
+        chromium(),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -1042,3 +1026,185 @@ def vega_charts(dom: str) -> dict[str, VegaChart]:
             legend_labels=[label for group in legend for label in re.findall(text, group)],
         )
     return charts
+
+
+# Headless Chromium, Debian's package, for what a person sees in a browser.
+CHROMIUM = "chromium"
+CHROMIUM_START_SECONDS = 60
+
+
+def chromium() -> str:
+    """The path of Chromium, installed with apt-get where it is missing; skip if it can't be.
+
+    The test that calls this skips, saying why, only where the package cannot be installed
+    (no apt-get, no root, no network).
+    """
+    found = shutil.which(CHROMIUM)
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        pytest.skip(f"{CHROMIUM} is not installed and there is no apt-get to install it")
+    steps = (["apt-get", "update"], ["apt-get", "install", "-y", CHROMIUM])
+    for step in steps:
+        done = subprocess.run(
+            step,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"{CHROMIUM} is not installed and `{' '.join(step)}` failed: {last}")
+    found = shutil.which(CHROMIUM)
+    if not found:
+        pytest.skip(f"`apt-get install -y {CHROMIUM}` left no {CHROMIUM} on PATH")
+    return found
+
+
+class DevToolsPage:
+    """One browser tab, driven over Chromium's DevTools protocol (JSON over a websocket).
+
+    The websocket is the few lines the protocol needs (RFC 6455: a handshake, masked text
+    frames out, unmasked frames in), so the tests need no browser-automation package.
+    """
+
+    def __init__(self, websocket_url: str, timeout: float = 60.0) -> None:
+        import base64
+        import urllib.parse
+
+        address = urllib.parse.urlsplit(websocket_url)
+        self.socket = socket.create_connection((address.hostname, address.port), timeout=timeout)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.socket.sendall(
+            (
+                f"GET {address.path} HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self._read(1)
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"DevTools refused the websocket: {head[:200]!r}")
+        self.calls = itertools.count(1)
+
+    def _read(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.socket.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("DevTools closed the websocket")
+            data += chunk
+        return data
+
+    def _receive(self) -> bytes:
+        import struct
+
+        message = b""
+        while True:
+            first, second = self._read(2)
+            size = second & 0x7F
+            if size == 126:
+                size = struct.unpack(">H", self._read(2))[0]
+            elif size == 127:
+                size = struct.unpack(">Q", self._read(8))[0]
+            message += self._read(size)
+            if first & 0x80:  # the final fragment
+                return message
+
+    def _send(self, payload: bytes) -> None:
+        import struct
+
+        size = len(payload)
+        if size < 126:
+            header = bytes([0x81, 0x80 | size])
+        elif size < 1 << 16:
+            header = bytes([0x81, 0x80 | 126]) + struct.pack(">H", size)
+        else:
+            header = bytes([0x81, 0x80 | 127]) + struct.pack(">Q", size)
+        mask = os.urandom(4)
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        self.socket.sendall(header + mask + masked)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one protocol command and return its result (events meanwhile are dropped)."""
+        import json
+
+        call_id = next(self.calls)
+        self._send(json.dumps({"id": call_id, "method": method, "params": params}).encode())
+        while True:
+            reply = json.loads(self._receive())
+            if reply.get("id") == call_id:
+                if "error" in reply:
+                    raise RuntimeError(f"DevTools {method}: {reply['error']}")
+                return reply["result"]
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def open(self, url: str) -> None:
+        """Load ``url`` as a new page: the app starts afresh, as when a person opens a link."""
+        self.call("Page.navigate", url="about:blank")
+        self.call("Page.navigate", url=url)
+
+    def wait_for(self, expression: str, timeout: float = 90.0) -> Any:
+        """The first truthy value of ``expression``; None if it stays falsy ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = self.evaluate(expression)
+            except RuntimeError:  # the page is between documents, or not yet built
+                value = None
+            if value or time.monotonic() > deadline:
+                return value or None
+            time.sleep(0.5)
+
+    def text(self) -> str:
+        """The page's rendered text."""
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+
+@contextmanager
+def browser(tmp: Path, width: int = 1400, height: int = 1000) -> Iterator[DevToolsPage]:
+    """A tab of headless Chromium with a fresh profile in ``tmp``: what a newcomer has."""
+    import json
+    import urllib.request
+
+    from classifier.processes import ProcessGroup
+
+    profile = tmp / "chromium-profile"
+    profile.mkdir(parents=True, exist_ok=True)
+    command = [
+        chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+        f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank",
+    ]  # fmt: skip
+    with ProcessGroup.start("chromium", command, log_path=tmp / "chromium.log") as group:
+        port_file = profile / "DevToolsActivePort"
+        group.wait_until(
+            lambda: port_file.exists() and bool(port_file.read_text().strip()),
+            CHROMIUM_START_SECONDS,
+        )
+        port = port_file.read_text().split()[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as answer:
+            targets = json.load(answer)
+        page = DevToolsPage(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
+        page.call("Page.enable")
+        try:
+            yield page
+        finally:
+            page.socket.close()

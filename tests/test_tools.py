@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 
 import mlflow
 
-from classifier.tracking import runs, store
+from classifier.tracking import names, runs, store
 from tests.helpers import PROJECT_ROOT, free_port
 from tools import champion_rev, compare, serve, ui
 
@@ -22,6 +24,20 @@ def test_ui_on_a_port_in_use_exits_1_in_one_line(capsys):
         f"ui: error: port {port} on 127.0.0.1 is in use (Address already in use); "
         f"choose another: make ui MLFLOW_PORT={port + 1}\n"
     )
+
+
+def test_ui_takes_a_port_whose_server_stopped_a_moment_ago():
+    """The server's side of a closed connection waits out TIME_WAIT on the port; MLflow's
+    server binds over it, so the check must not call the port taken."""
+    port = free_port()
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        with socket.create_connection(("127.0.0.1", port)):
+            accepted, _ = server.accept()
+            accepted.close()  # the server closes first: its port enters TIME_WAIT
+    ui.check_port_free("127.0.0.1", port)
 
 
 def test_serve_with_no_registered_model_exits_1_in_one_line(mlflow_store, capsys):
@@ -135,3 +151,56 @@ def test_champion_rev_with_no_champion_exits_1_in_one_line(mlflow_store, capsys)
     assert capsys.readouterr().err == (
         "champion_rev: error: no version of digits-cnn is @champion: run the pipeline first\n"
     )
+
+
+PAGE = b'<!doctype html><html><head><meta charset="utf-8"/><script src="app.js"></script></head>'
+
+
+def served(path: str, content_type: bytes = b"text/html; charset=utf-8") -> tuple[dict, bytes]:
+    """What ``ui.BrowserDefaults`` sends for ``path`` of an app that answers ``PAGE`` in two
+    chunks."""
+
+    async def app(scope, receive, send):
+        headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(PAGE))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": PAGE[:20], "more_body": True})
+        await send({"type": "http.response.body", "body": PAGE[20:]})
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    wrapped = ui.BrowserDefaults(app, ui.browser_defaults("7"))
+    asyncio.run(wrapped({"type": "http", "path": path}, None, send))
+    return sent[0], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_the_ui_page_stores_the_runs_view_before_the_app_starts():
+    start, page = served("/")
+    head = page.index(b"<head>") + len(b"<head>")
+    assert page.startswith(b"<script>", head)
+    assert page.index(b"</script>") < page.index(b'<script src="app.js">')
+    headers = dict(start["headers"])
+    assert int(headers[b"content-length"]) == len(page)
+    script = page[head : page.index(b"</script>")].decode()
+    assert "localStorage.getItem(k)===null" in script  # a person's own choice stays
+    defaults = json.loads(script[script.index("var d=") + len("var d=") : script.index(";for")])
+    assert json.loads(defaults[ui.WORKFLOW_TYPE_KEY]) == "machine_learning"
+    columns = json.loads(
+        defaults['MLflowLocalStorage-1.1-ExperimentPage-["7"]-ReactComponentState']
+    )
+    assert columns["selectedColumns"][:5] == [
+        f"metrics.`{names.TEST_ACCURACY}`",
+        f"metrics.`{names.TEST_MACRO_F1}`",
+        f"metrics.`{names.VAL_LOSS}`",
+        "params.`train.architecture`",
+        "params.`train.epochs`",
+    ]
+
+
+def test_the_ui_server_leaves_every_other_answer_as_mlflow_sent_it():
+    for path, content_type in (("/static-files/x.js", b"text/html"), ("/", b"application/json")):
+        start, body = served(path, content_type)
+        assert body == PAGE
+        assert dict(start["headers"])[b"content-length"] == b"%d" % len(PAGE)
