@@ -40,7 +40,7 @@ from classifier.export.promotion import CHAMPION, decide
 from classifier.model.files import load_model
 from classifier.serving import prepare
 from classifier.serving.pyfunc import png_frame, probabilities_of
-from classifier.tracking import lineage, registry, runs
+from classifier.tracking import description, lineage, names, registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ INPUT_EXAMPLE_SIZE = 4
 PREDICT_BATCH_SIZE = 256
 FORMATS_ARTIFACT_DIR = "formats"
 FORMAT_METRICS = ("size_bytes", "max_abs_diff", "accuracy", "accuracy_drop")
+LINEAGE_STAGES = ("train", "evaluate")  # their dvc.lock entries exist while export runs
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def log_formats(training: runs.FinishedRun, report: dict, formats_dir: Path) -> 
     """Each format's size and parity as run metrics, and the files as run artifacts."""
     training.log_metrics(
         {
-            f"format.{name}.{key}": value
+            names.format_metric(name, key): value
             for name, figures in report.items()
             for key, value in figures.items()
             if key in FORMAT_METRICS
@@ -242,9 +243,8 @@ def write_card(
     The DVC hashes are dvc.lock's for the train stage, when it describes this model.
     """
     sources = sources or model_card.CardSources()
-    hashes = (
-        {} if sources.lock is None else lineage.dvc_lock_tags(sources.lock, "train", model_path)
-    )
+    entry = None if sources.lock is None else lineage.lock_entry(sources.lock, "train", model_path)
+    hashes = {} if entry is None else entry.hashes()
     facts = replace(facts, sources=sources, dvc_hashes=hashes)
     card = model_card.build_card(facts)
     with tempfile.TemporaryDirectory() as scratch:
@@ -283,8 +283,15 @@ def run(
         served = prepare_serving(serve, model_path, data_dir, test, report, outputs, training)
         champion = score_champion(cfg.model_name, test)
         decision = decide(candidate, champion.correct, test.labels, cfg, champion.version)
+        # Train's and evaluate's code versions and the data's, as dvc.lock records them.
+        versions = (
+            {}
+            if card_sources is None or card_sources.lock is None
+            else training.record_lineage(card_sources.lock, LINEAGE_STAGES, model_path)
+        )
         tags = {
             **decision.tags(),
+            **versions,
             **format_tags(report),
             "promotion.candidate_accuracy": f"{candidate.mean():.6f}",
             **(served.tags() if served else {}),
@@ -313,6 +320,15 @@ def run(
         record = {**registered, "decision": summary}
         write_json(outputs.registered, record)
         training.set_tags({**tags, "export.version": str(registered["version"])})
+        training.describe(
+            description.registered(
+                int(candidate.sum()),
+                len(candidate),
+                cfg.model_name,
+                int(registered["version"]),
+                decision.alias,
+            )
+        )
     log.info(
         "%s version %s is @%s: %s",
         cfg.model_name,

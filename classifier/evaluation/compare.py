@@ -25,7 +25,7 @@ from classifier.data.dataset import ImageSet, read_image_set
 from classifier.errors import StageError
 from classifier.evaluation.plots import image_grid_figure, plt, save
 from classifier.serving.pyfunc import probabilities_of
-from classifier.tracking import registry, runs, store
+from classifier.tracking import names, registry, runs, store
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def load_run(run_id: str, test: ImageSet | None) -> RunView:
         label=label,
         run_id=run_id,
         params=dict(run.data.params),
-        metrics={k: v for k, v in run.data.metrics.items() if k.startswith("test_")},
+        metrics=names.section(run.data.metrics, names.TEST),  # old runs' test_* too
         per_class=runs.artifact_table(run_id, "evaluation/per_class.csv"),
         history=runs.artifact_table(run_id, "history.csv"),
         predicted=predicted,

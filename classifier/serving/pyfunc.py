@@ -158,6 +158,16 @@ def _convert_pixels(
     return resize_images(pixels, *shape, resize)
 
 
+def _pixel_array(values: np.ndarray) -> np.ndarray:
+    """Pixels as numbers: MLflow's signature hands JSON's nested lists over as objects."""
+    if values.dtype != object:
+        return values
+    try:
+        return np.array(values.tolist())
+    except ValueError:
+        raise BadImageInput("images in a batch must all have the same shape") from None
+
+
 def to_batch(
     model_input: Any,
     shape: tuple[int, int, int],
@@ -174,8 +184,8 @@ def to_batch(
                 f"got columns {columns}"
             )
         values = model_input[IMAGE_COLUMN]
-        if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
-            return _convert_pixels(values, shape, resize)  # {"image": pixel arrays}
+        if isinstance(values, np.ndarray) and (values.dtype.kind in "iu" or values.ndim > 1):
+            return _convert_pixels(_pixel_array(values), shape, resize)  # {"image": pixels}
         files = list(np.ravel(np.asarray(values, dtype=object)))
         return _decode_column(files, shape, resize, max_pixels)
     try:

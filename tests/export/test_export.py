@@ -191,8 +191,8 @@ def test_every_format_is_written_checked_and_recorded_in_dvc_metrics_and_the_run
 
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     run = client.get_run(trained.result.run_id)
-    assert run.data.metrics["format.tflite_int8.size_bytes"] == report["tflite_int8"]["size_bytes"]
-    assert run.data.metrics["format.onnx.max_abs_diff"] == pytest.approx(
+    assert run.data.metrics["format/tflite_int8/size_bytes"] == report["tflite_int8"]["size_bytes"]
+    assert run.data.metrics["format/onnx/max_abs_diff"] == pytest.approx(
         report["onnx"]["max_abs_diff"]
     )
     logged = {item.path for item in client.list_artifacts(run.info.run_id, "formats")}
