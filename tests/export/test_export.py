@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -163,6 +164,13 @@ def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
         run_id=trained.result.run_id, artifact_path="model_card.md", tracking_uri=trained_store
     )
     assert Path(logged).read_text() == version.description
+    # The run's description ends with what became of it.
+    outcome = client.get_run(trained.result.run_id).data.tags["mlflow.note.content"]
+    assert re.search(
+        r"\n\nTest accuracy [0-9.]+ % \(95 % CI [0-9.]+ % to [0-9.]+ %\) on \d+ test images; "
+        rf"registered as `{model_name}` version 1, @champion\.$",
+        outcome,
+    )
 
     mlflow.set_tracking_uri(trained_store)
     served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
@@ -220,6 +228,8 @@ def test_a_format_that_fails_parity_fails_export_before_anything_is_registered(
     # The training run finished; export says how it ended without changing that.
     run = client.get_run(trained.result.run_id)
     assert (run.info.status, run.data.tags["export.outcome"]) == ("FINISHED", "FAILED")
+    outcome = run.data.tags["mlflow.note.content"].split("\n\n")[1]
+    assert re.fullmatch(r"FAILED in export: .*onnx max_abs_diff [0-9.]+ > 1e-05", outcome)
 
 
 def test_ctrl_c_during_export_registers_nothing_and_leaves_the_training_run_finished(
