@@ -48,6 +48,7 @@ INPUT_EXAMPLE_SIZE = 4
 PREDICT_BATCH_SIZE = 256
 FORMATS_ARTIFACT_DIR = "formats"
 FORMAT_METRICS = ("size_bytes", "max_abs_diff", "accuracy", "accuracy_drop")
+TAG_SHIPPED = "formats.shipped"
 LINEAGE_STAGES = ("train", "evaluate")  # their dvc.lock entries exist while export runs
 
 
@@ -154,11 +155,9 @@ def export_formats(
 
 
 def format_tags(report: dict) -> dict[str, str]:
-    """Which formats ship, and why one does not, for the model version and the run."""
-    tags = {
-        f"format.{name}.shipped": str(figures["shipped"]).lower()
-        for name, figures in report.items()
-    }
+    """Which formats ship (one tag), and why one does not, for the model version and the run."""
+    shipped = [name for name, figures in report.items() if figures["shipped"]]
+    tags = {TAG_SHIPPED: ", ".join(shipped)}
     tags.update(
         {
             f"format.{name}.reason": figures["reason"]
