@@ -90,6 +90,8 @@ class ImageTooLarge(BadImageInput):
 
 def _image_bytes(value: Any, row: int) -> bytes:
     """The file bytes of one ``image`` cell: bytes as they are, text as base64."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()  # MLflow's scoring server wraps each of ``instances`` in one
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str):

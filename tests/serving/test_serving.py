@@ -112,7 +112,7 @@ def test_registered_model_loads_from_any_directory_and_classifies_files_and_arra
 def test_the_named_input_takes_every_form_the_model_takes(trained, registered):
     """The signature names the input ``image`` and MLflow's check of it lets each form
     through: arrays, files, and what MLflow's scoring server makes of each JSON format."""
-    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+    from mlflow.pyfunc.scoring_server import _parse_json_data  # what its /invocations does
 
     mlflow.set_tracking_uri(trained.store_uri)
     served = mlflow.pyfunc.load_model(registered["model_uri"])
@@ -126,7 +126,7 @@ def test_the_named_input_takes_every_form_the_model_takes(trained, registered):
         "files and another column": files.assign(note="x"),
         "dict of arrays": {serving.IMAGE_COLUMN: images},
         **{
-            f"JSON {key}": infer_and_parse_data(json.loads(json.dumps(body)), schema)
+            f"JSON {key}": _parse_json_data(json.dumps(body), served.metadata, schema).data
             for key, body in {
                 "inputs": {"inputs": images.tolist()},
                 "named inputs": {"inputs": {serving.IMAGE_COLUMN: images.tolist()}},
