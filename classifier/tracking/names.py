@@ -3,8 +3,8 @@
 MLflow's chart view groups metrics into sections by the prefix before the first ``/``, so
 every metric carries one: ``train/`` and ``val/`` for the learning curves, ``test/`` for
 what decides (the held-out test split), ``format/<format>/`` for each exported format's
-parity, ``serving/`` for what the served model abstains on, ``calibration/`` for the
-temperature, ``sweep/`` for a sweep's best trial and ``monitor/`` for a monitoring run. No
+parity, ``serving/`` for what the served model abstains on, ``sweep/`` for a sweep's best
+trial and ``monitor/`` for a monitoring run. No
 view then presents training accuracy as the model's quality: it sits under ``train/``,
 apart from ``test/``.
 
@@ -27,7 +27,6 @@ VAL = "val/"
 TEST = "test/"
 FORMAT = "format/"
 SERVING = "serving/"
-CALIBRATION = "calibration/"
 SWEEP = "sweep/"
 MONITOR = "monitor/"
 
@@ -41,8 +40,9 @@ TEST_MACRO_F1 = TEST + "macro_f1"
 VAL_LOSS = VAL + "loss"
 TRAIN_LOSS = TRAIN + "loss"
 VAL_ACCURACY = VAL + "accuracy"
-# The softmax temperature training fitted on the validation split (classifier/model/temperature.py).
-TEMPERATURE = CALIBRATION + "temperature"
+# The softmax temperature training fitted on the validation split (training/calibration.py);
+# under val/, as a section of its own would open the UI's charts (sorted by name) on it.
+TEMPERATURE = VAL + "temperature"
 
 # The names runs had before this scheme, for ``current``.
 LEGACY_TEST = "test_"

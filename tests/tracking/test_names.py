@@ -37,7 +37,7 @@ def test_a_run_logged_before_the_rename_reads_under_todays_names():
         "val/loss": 0.42,
         "val/accuracy": 0.93,
         "train/learning_rate": 0.001,
-        "calibration/temperature": 1.4,
+        "val/temperature": 1.4,
         "test/accuracy": 0.92,
         "test/macro_f1": 0.91,
         "format/onnx/max_abs_diff": 1e-6,
