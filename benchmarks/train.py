@@ -63,6 +63,7 @@ TRACKING_CALLS = (
     "log_artifact",
     "log_dataset",
     "set_tags",
+    "describe_run",
 )
 
 

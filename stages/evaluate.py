@@ -37,7 +37,7 @@ from classifier.evaluation.metrics import (
 from classifier.model.files import load_model
 from classifier.model.predict import predict
 from classifier.model.temperature import logits_of, temperature_of
-from classifier.tracking import lineage, runs
+from classifier.tracking import description, lineage, names, runs
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run(
 ) -> dict[str, float]:
     """Score ``model_path`` on the test split; write metrics and the plots folder.
 
-    The training run also gets the hashes ``lock_path`` records for its data and model.
+    The training run also gets the code and data versions ``lock_path`` records for train.
     """
     run_id = lineage.read_run_id(run_info_path)
     test = read_image_set(Path(data_dir) / "test")
@@ -93,8 +93,8 @@ def run(
 
     training = runs.finished_run(run_id)
     with training.stage("evaluate"):
-        # The training run's data and model hashes, as DVC recorded them once train ended.
-        training.set_tags(lineage.dvc_lock_tags(lock_path, "train", model_path))
+        # The training run's code and data versions, as DVC recorded them once train ended.
+        training.record_lineage(lock_path, ["train"], model_path)
         with atomic_path(plots_dir, directory=True) as tmp:
             counts.to_csv(tmp / "confusion.csv", index=False)
             prediction_rows(test, predicted).to_csv(tmp / "predictions.csv", index=False)
@@ -104,8 +104,10 @@ def run(
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                 plots.save(figure, tmp / name)
         write_json(metrics_path, metrics)
-        training.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+        training.log_metrics({names.test_metric(key): value for key, value in metrics.items()})
         training.log_artifacts(plots_dir, "evaluation")
+        right = int(np.sum(predicted == test.labels))
+        training.describe(description.evaluated(right, len(test.labels)))
     log.info(
         "test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images",
         metrics["accuracy"],

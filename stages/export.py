@@ -46,7 +46,7 @@ from classifier.model.predict import predict
 from classifier.serving import prepare
 from classifier.serving.pyfunc import png_frame
 from classifier.summary import RunFiles, stage_end_block
-from classifier.tracking import lineage, registry, runs
+from classifier.tracking import description, lineage, names, registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ INPUT_EXAMPLE_SIZE = 4
 PREDICT_BATCH_SIZE = 256
 FORMATS_ARTIFACT_DIR = "formats"
 FORMAT_METRICS = ("size_bytes", "max_abs_diff", "accuracy", "accuracy_drop")
+TAG_SHIPPED = "formats.shipped"
+LINEAGE_STAGES = ("train", "evaluate")  # their dvc.lock entries exist while export runs
 
 
 @dataclass(frozen=True)
@@ -107,11 +109,9 @@ def export_formats(
 
 
 def format_tags(report: dict) -> dict[str, str]:
-    """Which formats ship, and why one does not, for the model version and the run."""
-    tags = {
-        f"format.{name}.shipped": str(figures["shipped"]).lower()
-        for name, figures in report.items()
-    }
+    """Which formats ship (one tag), and why one does not, for the model version and the run."""
+    shipped = [name for name, figures in report.items() if figures["shipped"]]
+    tags = {TAG_SHIPPED: ", ".join(shipped)}
     tags.update(
         {
             f"format.{name}.reason": figures["reason"]
@@ -126,7 +126,7 @@ def log_formats(training: runs.FinishedRun, report: dict, formats_dir: Path) -> 
     """Each format's size and parity as run metrics, and the files as run artifacts."""
     training.log_metrics(
         {
-            f"format.{name}.{key}": value
+            names.format_metric(name, key): value
             for name, figures in report.items()
             for key, value in figures.items()
             if key in FORMAT_METRICS
@@ -196,9 +196,8 @@ def write_card(
     The DVC hashes are dvc.lock's for the train stage, when it describes this model.
     """
     sources = sources or model_card.CardSources()
-    hashes = (
-        {} if sources.lock is None else lineage.dvc_lock_tags(sources.lock, "train", model_path)
-    )
+    entry = None if sources.lock is None else lineage.lock_entry(sources.lock, "train", model_path)
+    hashes = {} if entry is None else entry.hashes()
     facts = replace(facts, sources=sources, dvc_hashes=hashes)
     card = model_card.build_card(facts)
     with tempfile.TemporaryDirectory() as scratch:
@@ -248,8 +247,15 @@ def run(
             challenger,
             champion.name,
         )
+        # Train's and evaluate's code versions and the data's, as dvc.lock records them.
+        versions = (
+            {}
+            if card_sources is None or card_sources.lock is None
+            else training.record_lineage(card_sources.lock, LINEAGE_STAGES, model_path)
+        )
         tags = {
             **decision.tags(),
+            **versions,
             **format_tags(report),
             "promotion.candidate_accuracy": f"{candidate.mean():.6f}",
             registry.TAG_ARCHITECTURE: keras_model.name,
@@ -281,6 +287,15 @@ def run(
         record = {**registered, "decision": summary}
         write_json(outputs.registered, record)
         training.set_tags({**tags, "export.version": str(registered["version"])})
+        training.describe(
+            description.registered(
+                int(candidate.sum()),
+                len(candidate),
+                cfg.model_name,
+                int(registered["version"]),
+                decision.alias,
+            )
+        )
     version = f"{cfg.model_name} version {registered['version']}"
     if decision.alias is None:
         why = decision.reason.removeprefix("no alias: ")

@@ -19,7 +19,7 @@ import keras
 from classifier.atomic import atomic_path, check_writable, write_json, write_text
 from classifier.cli import MODEL, PREPARED, RUN_INFO, exit_process, run_stage, stage_parser
 from classifier.config import Params, load_params
-from classifier.tracking import runs, store
+from classifier.tracking import description, names, runs, store
 from classifier.training import trial
 from classifier.training.loop import HISTORY_COLUMNS, Trainer, TrainResult
 
@@ -102,11 +102,13 @@ def run(
         result = trainer.fit(run_id, callbacks)
         write_outputs(result, outputs)
         runs.log_artifact(outputs.history)
-        runs.log_metrics({"temperature": result.temperature})
+        runs.log_metrics({names.TEMPERATURE: result.temperature})
+        val_accuracy = float(result.history.iloc[-1]["val_accuracy"])
+        runs.describe_run(run_id, description.trained(len(result.history), val_accuracy))
     log.info(
         "trained %d epochs: val_accuracy %.4f, model at %s",
         len(result.history),
-        result.history.iloc[-1]["val_accuracy"],
+        val_accuracy,
         outputs.model,
     )
     return result

@@ -389,6 +389,11 @@ def run_ok(repo: Path, *command: str) -> str:
     return output
 
 
+def lock_md5s(entries: list[dict]) -> dict[str, str]:
+    """The md5 of each dep (or out) of a dvc.lock stage entry, by path."""
+    return {entry["path"]: entry["md5"] for entry in entries}
+
+
 def lock_outputs(repo: Path) -> dict[str, bytes]:
     """Every output file dvc.lock records, by path, with its content."""
     lock = yaml.safe_load((repo / "dvc.lock").read_text())

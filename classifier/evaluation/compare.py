@@ -81,7 +81,7 @@ def load_run(run_id: str, test: ImageSet | None) -> RunView:
         label=label,
         run_id=run_id,
         params=dict(run.data.params),
-        metrics={k: v for k, v in run.data.metrics.items() if k.startswith("test_")},
+        metrics=names.section(run.data.metrics, names.TEST),  # old runs' test_* too
         per_class=runs.artifact_table(run_id, "evaluation/per_class.csv"),
         history=runs.artifact_table(run_id, "history.csv"),
         predicted=predicted,

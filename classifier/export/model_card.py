@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from classifier.tracking import names
+
 CARD_FILE = "model_card.md"
 # Model version descriptions are VARCHAR(5000) in MLflow's SQL stores (PostgreSQL enforces
 # it): a longer card is cut at a section and points to the whole one, a run artifact.
@@ -210,7 +212,7 @@ def _training_section(facts: CardFacts) -> list[str]:
     epochs = int(params.get("train.epochs", 0) or 0) + int(
         params.get("train.fine_tune_epochs", 0) or 0
     )
-    val = run.metrics.get("val_accuracy")
+    val = names.current(run.metrics).get(names.VAL_ACCURACY)
     return [
         "## How it was trained",
         "",

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from classifier.tracking import names
+
 # Fewer predictions say nothing about a distribution (and the chi-square needs counts).
 MIN_WINDOW = 20
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -83,15 +85,18 @@ class Comparison:
 
     def metrics(self) -> dict[str, float]:
         """Numbers for the monitoring run."""
-        figures = {"drift": float(self.drift), "window_size": float(self.window["size"])}
+        figures = {
+            names.monitor_metric("drift"): float(self.drift),
+            names.monitor_metric("window_size"): float(self.window["size"]),
+        }
         if self.window["abstain_rate"] is not None:
-            figures["abstain_rate"] = self.window["abstain_rate"]
+            figures[names.monitor_metric("abstain_rate")] = self.window["abstain_rate"]
         for signal in self.signals:
             key = signal.name.replace(" ", "_")
-            figures[f"{key}.statistic"] = signal.value
-            figures[f"{key}.threshold"] = signal.threshold
-            figures[f"{key}.p_value"] = signal.p_value
-            figures[f"{key}.drift"] = float(signal.drift)
+            figures[names.monitor_metric(key, "statistic")] = signal.value
+            figures[names.monitor_metric(key, "threshold")] = signal.threshold
+            figures[names.monitor_metric(key, "p_value")] = signal.p_value
+            figures[names.monitor_metric(key, "drift")] = float(signal.drift)
         return figures
 
     def summary(self) -> dict[str, Any]:

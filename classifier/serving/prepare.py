@@ -40,6 +40,7 @@ from classifier.serving.pyfunc import (
     STATISTICS_ARTIFACT,
     STATISTICS_FILE,
 )
+from classifier.tracking import names
 
 if TYPE_CHECKING:
     from classifier.config import ServeParams
@@ -78,20 +79,18 @@ class PreparedServing:
         return PreparedServing(moved, self.metrics, self.curves)
 
     def run_metrics(self) -> dict[str, float]:
-        """Every number of the metrics, flat, as ``serving.<key>...`` run metrics."""
+        """Every number of the metrics, flat, as ``serving/<key>/...`` run metrics."""
 
-        def flat(prefix: str, value: Any) -> dict[str, float]:
+        def flat(keys: tuple[str, ...], value: Any) -> dict[str, float]:
             if isinstance(value, dict):
                 return {
-                    k: v
-                    for key, item in value.items()
-                    for k, v in flat(f"{prefix}.{key}", item).items()
+                    k: v for key, item in value.items() for k, v in flat((*keys, key), item).items()
                 }
             if isinstance(value, bool) or not isinstance(value, int | float):
                 return {}
-            return {prefix: float(value)}
+            return {names.serving_metric(*keys): float(value)}
 
-        return flat("serving", self.metrics)
+        return flat((), self.metrics)
 
     def tags(self) -> dict[str, str]:
         """What the version serves with, for the model version and the run."""

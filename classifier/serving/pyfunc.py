@@ -90,6 +90,8 @@ class ImageTooLarge(BadImageInput):
 
 def _image_bytes(value: Any, row: int) -> bytes:
     """The file bytes of one ``image`` cell: bytes as they are, text as base64."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()  # MLflow's scoring server wraps each of ``instances`` in one
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if isinstance(value, str):
@@ -172,6 +174,16 @@ def _convert_pixels(
     return resize_images(pixels, *shape, resize)
 
 
+def _pixel_array(values: np.ndarray) -> np.ndarray:
+    """Pixels as numbers: MLflow's signature hands JSON's nested lists over as objects."""
+    if values.dtype != object:
+        return values
+    try:
+        return np.array(values.tolist())
+    except ValueError:
+        raise BadImageInput("images in a batch must all have the same shape") from None
+
+
 def to_batch(
     model_input: Any,
     shape: tuple[int, int, int],
@@ -197,9 +209,10 @@ def to_batch(
                 "image as a file (base64 text or bytes) or as a height x width (x channels) "
                 "array of pixels 0-255"
             )
-        if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
-            _check_request_pixels(_array_pixels(values), max_request_pixels)
-            return _convert_pixels(values, shape, resize)  # {"image": pixel arrays}
+        if isinstance(values, np.ndarray) and (values.dtype.kind in "iu" or values.ndim > 1):
+            pixels = _pixel_array(values)  # {"image": pixel arrays}
+            _check_request_pixels(_array_pixels(pixels), max_request_pixels)
+            return _convert_pixels(pixels, shape, resize)
         files = list(np.ravel(np.asarray(values, dtype=object)))
         return _decode_column(files, shape, resize, max_pixels, max_request_pixels)
     try:

@@ -23,7 +23,7 @@ import jinja2
 from classifier.atomic import write_text
 from classifier.sweeps.spec import SweepSpec
 from classifier.sweeps.study import ATTR_ERROR, ATTR_INTERRUPTED, ATTR_RUN, ATTR_STATE
-from classifier.tracking import runs
+from classifier.tracking import names, runs
 
 REPORT_FILE = "report.html"
 TRIALS_FILE = "trials.csv"
@@ -299,4 +299,4 @@ def log_to_parent(spec: SweepSpec, folder: Path, report: Path, best: TrialRow | 
     tags = {"sweep.best.trial": best.name, "sweep.best.run_id": best.run_id or ""}
     tags.update({f"sweep.best.{key}": str(value) for key, value in best.params.items()})
     runs.set_tags(tags)
-    runs.log_metrics({f"best_{spec.metric_key}": best.value})
+    runs.log_metrics({names.sweep_metric(spec.metric_file, spec.metric_key): best.value})

@@ -1,6 +1,7 @@
 """The only code that talks to MLflow: the store, runs, lineage tags and the registry.
 
     store      where the store is, which experiment; MLflow errors as one line
+    names      the metric names runs log, grouped by prefix for MLflow's UI
     runs       open, reopen and close runs; log metrics, artifacts and datasets
     lineage    tags tying a run to its git commit and DVC data
     registry   register model versions, move aliases, find what an alias points at

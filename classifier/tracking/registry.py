@@ -139,6 +139,8 @@ def log_served_model(
 
     from classifier.serving import pyfunc as serving
 
+    signature = ModelSignature(inputs=input_schema(), outputs=None)
+
     # Pin what the model needs instead of letting MLflow re-import it to guess (slow).
     requirements = [
         f"{package}=={importlib.metadata.version(package)}" for package in SERVED_REQUIREMENTS
@@ -156,9 +158,8 @@ def log_served_model(
         with reporting_errors(), warnings.catch_warnings():
             # class_index is never missing: MLflow's hint about integer columns does not apply.
             warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column")
-            # No input schema: the model takes pixel arrays or a column of image files, and
-            # checks what it gets itself (an input schema can describe only one of the two).
             outputs = infer_signature(None, _predict_example(artifacts, input_example)).outputs
+            signature = ModelSignature(inputs=signature.inputs, outputs=outputs)
             experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
             logged = mlflow.initialize_logged_model(
                 name=MODEL_ARTIFACT,
@@ -172,11 +173,28 @@ def log_served_model(
                 python_model=module_path(SERVED_MODEL),
                 code_paths=[str(serving_code(Path(scratch) / "code"))],
                 artifacts=artifacts,
-                signature=ModelSignature(inputs=None, outputs=outputs),
+                signature=signature,
                 input_example=input_example,
                 pip_requirements=requirements,
             )
     return LoggedModel(logged.model_id, f"models:/{logged.model_id}", run_id, interface)
+
+
+def input_schema() -> Any:
+    """The model's input, named: ``image``, one value per image, of any type.
+
+    The model takes a column of image files (PNG bytes, or base64 text from JSON) or a batch
+    of pixel arrays, and checks what it gets itself (classifier/serving/pyfunc.py). A column
+    schema can describe only one of the two, and MLflow would refuse the other before the
+    model saw it; a tensor of objects, any shape (MLflow's ragged form), lets both pass,
+    a batch of arrays under the name ``image``, and still names the input in the UI.
+    """
+    import numpy as np
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from classifier.serving.pyfunc import IMAGE_COLUMN
+
+    return Schema([TensorSpec(np.dtype(object), (-1,), IMAGE_COLUMN)])
 
 
 def register_version(

@@ -18,11 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from classifier.tracking.lineage import TAG_DVC_EXP_NAME, lineage_tags
+from classifier.tracking import description, names
+from classifier.tracking.lineage import (
+    LOCK_ARTIFACT,
+    LOCK_ARTIFACT_DIR,
+    TAG_DVC_EXP_NAME,
+    lineage_tags,
+    lock_entries,
+    lock_record,
+    lock_tags,
+)
 from classifier.tracking.store import (
     TrackingError,
     connect,
     describe,
+    experiment_name,
     reporting_errors,
     root_cause,
     tracking_server,
@@ -108,6 +118,8 @@ def training_run(
         tags[TAG_PARENT_RUN] = parent_run_id
     if resume_run_id is None:
         name = tags.get(TAG_DVC_EXP_NAME) or run_name(str(params.get("data.source", "run")))
+        what = description.what(params, experiment_name(), tags.get(TAG_DVC_EXP_NAME))
+        tags[description.TAG_NOTE] = description.note(what, description.TRAINING)
         start_args: dict[str, Any] = {"run_name": name, "tags": tags}
     else:
         start_args = {"run_id": resume_run_id}
@@ -117,8 +129,14 @@ def training_run(
                 mlflow.log_params(dict(params))
             else:
                 mlflow.set_tags({**tags, TAG_RESUMED: "true"})
+                FinishedRun(run_id).describe(description.TRAINING)
         log.info("MLflow run %s in %s", run_id, tracking_uri())
-        yield run_id
+        try:
+            yield run_id
+        except BaseException as error:
+            with suppress(Exception):  # the error matters more than its description
+                FinishedRun(run_id).describe(description.failed("train", error))
+            raise
 
 
 def run_name(source: str, now: datetime.datetime | None = None) -> str:
@@ -206,16 +224,29 @@ def finish_logging(operations: Any) -> None:
 
 
 def log_missing_epochs(rows: Sequence[Mapping[str, float]]) -> None:
-    """Log the epochs of ``rows`` (each with an ``epoch`` key) that the active run lacks."""
+    """Log the epochs of ``rows`` (Keras's logs, each with an ``epoch`` key) that the active
+    run lacks, under MLflow's names (``val/loss``).
+
+    A run logged before those names (its history under ``loss``) lacks them all: every
+    checkpointed epoch is logged again under the new names, so its curves are whole.
+    """
     import mlflow
 
     run_id = mlflow.active_run().info.run_id
     with reporting_errors():
-        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
+        history = mlflow.MlflowClient().get_metric_history(run_id, names.TRAIN_LOSS)
+    logged = {m.step for m in history}
     for row in rows:
         if int(row["epoch"]) not in logged:
-            metrics = {key: value for key, value in row.items() if key != "epoch"}
+            metrics = {
+                names.epoch_metric(key): value for key, value in row.items() if key != "epoch"
+            }
             log_epoch(metrics, epoch=int(row["epoch"]))
+
+
+def describe_run(run_id: str, outcome: str) -> None:
+    """Make ``outcome`` the second line of run ``run_id``'s description (how it ended)."""
+    FinishedRun(run_id).describe(outcome)
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:
@@ -329,6 +360,12 @@ class FinishedRun:
 
         return mlflow.MlflowClient()
 
+    def describe(self, outcome: str) -> None:
+        """Make ``outcome`` the second line of the run's description; the first stays."""
+        tags = get_run(self.run_id).data.tags
+        first_line = description.first_line(tags.get(description.TAG_NOTE))
+        self.set_tags({description.TAG_NOTE: description.note(first_line, outcome)})
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -356,6 +393,29 @@ class FinishedRun:
         with reporting_errors():
             self._client().log_artifacts(self.run_id, str(directory), artifact_dir)
 
+    def record_lineage(
+        self, lock_path: Path, stages: Sequence[str], model_path: Path
+    ) -> dict[str, str]:
+        """Tag the run with ``code.<stage>`` and ``data`` from ``lock_path`` (dvc.lock), and log
+        the per-file md5s behind them as ``lineage/dvc_lock.json``; return the tags.
+
+        Nothing when the lock does not describe the model at ``model_path`` (a stage run by
+        hand): no tags rather than stale ones.
+        """
+        import json
+        import tempfile
+
+        entries = lock_entries(lock_path, stages, model_path)
+        if not entries:
+            return {}
+        tags = lock_tags(entries)
+        self.set_tags(tags)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / LOCK_ARTIFACT
+            path.write_text(json.dumps(lock_record(lock_path, entries), indent=2) + "\n")
+            self.log_artifact(path, LOCK_ARTIFACT_DIR)
+        return tags
+
     @contextmanager
     def stage(self, name: str) -> Iterator[FinishedRun]:
         """Record how stage ``name`` ended as a tag on the run, and leave its status alone."""
@@ -366,6 +426,8 @@ class FinishedRun:
             outcome = OUTCOME_KILLED if isinstance(error, KeyboardInterrupt) else OUTCOME_FAILED
             with suppress(Exception):  # the stage's own error matters more than this one
                 self.set_tags({tag: outcome})
+            with suppress(Exception):
+                self.describe(description.failed(name, error))
             raise
         self.set_tags({tag: OUTCOME_FINISHED})
 

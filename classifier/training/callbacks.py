@@ -10,12 +10,15 @@ import keras
 
 from classifier.cli import raise_if_signalled
 from classifier.errors import TrainingDiverged
-from classifier.tracking import runs
+from classifier.tracking import names, runs
 from classifier.training.checkpoint import write_checkpoint
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Send each epoch's metrics to MLflow as one batched call, without waiting for a server.
+
+    Keras's ``val_loss`` is logged as ``val/loss``, ``loss`` as ``train/loss``
+    (classifier/tracking/names.py), so MLflow's UI charts them in their own sections.
 
     With a tracking server, MLflow sends them from a background thread while the next
     epoch trains. At most one epoch is in flight: each epoch's end waits for the previous
@@ -30,7 +33,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.finish()
-        self.in_flight = runs.log_epoch(logs or {}, epoch=epoch + 1, wait=False)
+        metrics = {names.epoch_metric(key): value for key, value in (logs or {}).items()}
+        self.in_flight = runs.log_epoch(metrics, epoch=epoch + 1, wait=False)
 
     def finish(self) -> None:
         if self.in_flight is not None:
@@ -43,7 +47,7 @@ class LogLearningRate(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:
-            logs["learning_rate"] = float(
+            logs[names.LEARNING_RATE] = float(
                 keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
             )
 

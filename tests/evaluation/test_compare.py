@@ -100,8 +100,8 @@ def test_report_shows_param_metric_and_per_class_deltas(trained, two_runs, store
     assert numbers["params"].set_index("param").loc["train.epochs"].tolist() == ["1", "3"]
     metrics = numbers["metrics"].set_index("metric")
     gain = long.metrics["accuracy"] - short.metrics["accuracy"]
-    assert metrics.loc["test_accuracy", "B - A"] == pytest.approx(gain)
-    assert metrics.loc["test_macro_f1", "A"] == pytest.approx(short.metrics["macro_f1"])
+    assert metrics.loc["test/accuracy", "B - A"] == pytest.approx(gain)
+    assert metrics.loc["test/macro_f1", "A"] == pytest.approx(short.metrics["macro_f1"])
     per_class = numbers["per_class"].set_index("class")
     f1_gain = (long.per_class["f1"] - short.per_class["f1"]).loc[per_class.index]
     np.testing.assert_allclose(per_class["f1 B - A"], f1_gain, atol=1e-6)

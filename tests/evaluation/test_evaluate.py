@@ -152,8 +152,8 @@ def test_evaluate_writes_metrics_tables_and_pictures_and_logs_them(
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     run = client.get_run(trained.result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
-    assert run.data.metrics["test_ece"] == pytest.approx(metrics["ece"])
+    assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.metrics["test/ece"] == pytest.approx(metrics["ece"])
     logged = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert logged == PICTURES | TABLES | {INSIGHT}
 

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -214,6 +215,13 @@ def test_first_model_above_the_floor_becomes_champion_and_serves_like_keras(
     )
     # The same card, its tables given as lists (MLflow's UI draws tables without borders).
     assert model_card.tables_as_lists(Path(logged).read_text()) == version.description
+    # The run's description ends with what became of it.
+    outcome = client.get_run(trained.result.run_id).data.tags["mlflow.note.content"]
+    assert re.search(
+        r"\n\nTest accuracy [0-9.]+ % \(95 % CI [0-9.]+ % to [0-9.]+ %\) on \d+ test images; "
+        rf"registered as `{model_name}` version 1, @champion\.$",
+        outcome,
+    )
 
     mlflow.set_tracking_uri(trained_store)
     served = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
@@ -242,8 +250,8 @@ def test_every_format_is_written_checked_and_recorded_in_dvc_metrics_and_the_run
 
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     run = client.get_run(trained.result.run_id)
-    assert run.data.metrics["format.tflite_int8.size_bytes"] == report["tflite_int8"]["size_bytes"]
-    assert run.data.metrics["format.onnx.max_abs_diff"] == pytest.approx(
+    assert run.data.metrics["format/tflite_int8/size_bytes"] == report["tflite_int8"]["size_bytes"]
+    assert run.data.metrics["format/onnx/max_abs_diff"] == pytest.approx(
         report["onnx"]["max_abs_diff"]
     )
     logged = {item.path for item in client.list_artifacts(run.info.run_id, "formats")}
@@ -271,6 +279,8 @@ def test_a_format_that_fails_parity_fails_export_before_anything_is_registered(
     # The training run finished; export says how it ended without changing that.
     run = client.get_run(trained.result.run_id)
     assert (run.info.status, run.data.tags["export.outcome"]) == ("FINISHED", "FAILED")
+    outcome = run.data.tags["mlflow.note.content"].split("\n\n")[1]
+    assert re.fullmatch(r"FAILED in export: .*onnx max_abs_diff [0-9.]+ > 1e-05", outcome)
 
 
 def test_ctrl_c_during_export_registers_nothing_and_leaves_the_training_run_finished(
@@ -526,6 +536,18 @@ def rolled_int8(monkeypatch):
     monkeypatch.setattr(formats, "load_runner", runner)
 
 
+def test_the_formats_that_ship_are_one_tag_and_each_left_out_says_why():
+    report = {
+        "keras": {"shipped": True},
+        "tflite_int8": {"shipped": False, "reason": "left out: accuracy_drop 0.02"},
+        "onnx": {"shipped": True},
+    }
+    assert export.format_tags(report) == {
+        "formats.shipped": "keras, onnx",
+        "format.tflite_int8.reason": "left out: accuracy_drop 0.02",
+    }
+
+
 @pytest.mark.slow
 def test_an_int8_model_that_really_loses_accuracy_is_left_out_and_the_float_one_ships(
     trained, trained_store, tmp_path, model_name, monkeypatch
@@ -542,9 +564,9 @@ def test_an_int8_model_that_really_loses_accuracy_is_left_out_and_the_float_one_
     assert all(report[name]["shipped"] for name in formats.FORMATS if name != "tflite_int8")
     client = mlflow.MlflowClient(tracking_uri=trained_store)
     version = client.get_model_version(model_name, str(record["version"]))
-    assert version.tags["format.tflite_int8.shipped"] == "false"
+    shipped = [name for name in formats.FORMATS if name != "tflite_int8"]
+    assert version.tags["formats.shipped"].split(", ") == shipped
     assert version.tags["format.tflite_int8.reason"] == int8["reason"]
-    assert version.tags["format.onnx.shipped"] == "true"
     run = client.get_run(trained.result.run_id)
     assert run.data.tags["format.tflite_int8.reason"] == int8["reason"]
 

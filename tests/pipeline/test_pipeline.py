@@ -21,11 +21,13 @@ from classifier.data.dataset import read_image_set
 from classifier.model.files import load_model
 from classifier.model.tta import has_flip_average
 from classifier.serving.pyfunc import probabilities_of
+from classifier.tracking import lineage
 from tests.helpers import (
     STAGES,
     clone_repo,
     copy_project,
     init_git,
+    lock_md5s,
     lock_outputs,
     make_image_folder,
     offline_dom,
@@ -158,9 +160,9 @@ def test_repro_tracks_a_finished_run_with_params_epochs_and_commit(repo):
     assert tracked.data.params["train.epochs"] == str(EPOCHS)
     head = run_ok(repo, "git", "rev-parse", "HEAD").strip()
     assert tracked.data.tags["mlflow.source.git.commit"] == head
-    assert len(client(repo).get_metric_history(run_id, "val_accuracy")) == EPOCHS
+    assert len(client(repo).get_metric_history(run_id, "val/accuracy")) == EPOCHS
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert tracked.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert tracked.data.metrics["test/accuracy"] == pytest.approx(evaluation["accuracy"])
     # Artifacts land beside the store, not in the working directory's default place.
     assert tracked.info.artifact_uri.startswith((repo / "mlartifacts").resolve().as_uri())
     history = Path(mlflow.artifacts.download_artifacts(f"{tracked.info.artifact_uri}/history.csv"))
@@ -191,7 +193,7 @@ def test_repro_registers_the_model_under_its_alias_predicting_like_the_saved_one
     )
 
 
-def test_lineage_walks_from_the_champion_to_its_run_commit_data_hashes_and_params(repo):
+def test_lineage_walks_from_the_champion_to_its_run_commit_data_hashes_and_params(repo, tmp_path):
     registry = client(repo)
     version = registry.get_model_version_by_alias("digits-cnn", "champion")
     tracked = registry.get_run(version.run_id)
@@ -199,11 +201,21 @@ def test_lineage_walks_from_the_champion_to_its_run_commit_data_hashes_and_param
     head = run_ok(repo, "git", "rev-parse", "HEAD").strip()
     assert tags["mlflow.source.git.commit"] == head
     assert tags["git.dirty"] == "false"
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
-    for dep in lock["deps"]:
-        assert tags[f"dvc.train.dep.{dep['path']}"] == dep["md5"], dep["path"]
-    model_md5 = next(o["md5"] for o in lock["outs"] if o["path"] == "models/model.keras")
-    assert tags["dvc.train.out.models/model.keras"] == model_md5
+    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    lock = stages["train"]
+    # A few tags to search by (code.<stage>, data); every file's md5 in an artifact.
+    assert not [key for key in tags if key.startswith("dvc.train.")]
+    data_md5 = next(d["md5"] for d in lock["deps"] if d["path"] == "data/prepared")
+    assert tags["data"] == data_md5
+    train_code = lineage.LockEntry("train", lock_md5s(lock["deps"]), {}).code_version()
+    assert tags["code.train"] == train_code
+    assert version.tags["code.train"] == train_code and version.tags["data"] == data_md5
+    assert version.tags["code.evaluate"] == tags["code.evaluate"]
+    artifact = registry.download_artifacts(tracked.info.run_id, "lineage/dvc_lock.json", tmp_path)
+    recorded = json.loads(Path(artifact).read_text())
+    assert recorded["stages"]["train"]["deps"] == lock_md5s(lock["deps"])
+    assert recorded["stages"]["evaluate"]["deps"] == lock_md5s(stages["evaluate"]["deps"])
+    model_md5 = recorded["stages"]["train"]["outs"]["models/model.keras"]
     # The registered model holds exactly the file DVC tracks.
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/digits-cnn/{version.version}"))
@@ -272,7 +284,7 @@ def test_exp_run_shows_in_exp_show_names_its_run_and_reproduces_the_first_bit_fo
     tracked = runs_by_name(clone)["again"]
     assert tracked.data.tags["dvc.exp_name"] == "again"
     assert tracked.info.status == "FINISHED"
-    assert tracked.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+    assert tracked.data.metrics["test/accuracy"] == pytest.approx(accuracy)
 
     # The same bits as the first run, read from the experiment's commit.
     rev = revisions["again"]["rev"]

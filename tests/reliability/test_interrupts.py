@@ -112,7 +112,7 @@ def test_sigterm_kills_the_run_cleanly_and_resume_ends_at_the_uninterrupted_resu
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["train.resumed"] == "true"
     client = mlflow.MlflowClient(tracking_uri=store)
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")]
     assert sorted(steps) == list(range(1, EPOCHS + 1))
     expected_weights, expected_history = uninterrupted
     for got, expected in zip(weights(tmp_path / "model.keras"), expected_weights, strict=True):

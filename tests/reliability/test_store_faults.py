@@ -43,7 +43,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.xdist_group("store-faults")
 
 PATIENCE_MS = 300
-HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+HISTORY_KEYS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ def test_a_window_like_the_training_data_is_not_flagged():
     comparison = monitor.compare(records(150, seed=1), reference(), alpha=0.01)
     assert [s.name for s in comparison.signals] == ["class mix", "confidence", "ood score"]
     assert not comparison.drift, comparison.summary()
-    assert comparison.metrics()["drift"] == 0.0
+    assert comparison.metrics()["monitor/drift"] == 0.0
 
 
 def test_a_shifted_window_is_flagged_on_every_signal_with_its_threshold():

@@ -314,6 +314,7 @@ def test_the_monitor_flags_shifted_images_and_not_in_distribution_ones(
     assert run.data.tags[monitoring.TAG_MODEL_NAME] == SERVED_MODEL
     assert run.data.tags[monitoring.TAG_MODEL_VERSION] == "1"
     assert run.data.tags[monitoring.TAG_MODEL_ID] == version.source.removeprefix("models:/")
-    assert run.data.metrics["drift"] == 1.0 and run.data.metrics["window_size"] == window
+    assert run.data.metrics["monitor/drift"] == 1.0
+    assert run.data.metrics["monitor/window_size"] == window
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"shifted.html", "monitor.json"}

@@ -112,6 +112,38 @@ def test_registered_model_loads_from_any_directory_and_classifies_files_and_arra
         ]
 
 
+def test_the_named_input_takes_every_form_the_model_takes(trained, registered):
+    """The signature names the input ``image`` and MLflow's check of it lets each form
+    through: arrays, files, and what MLflow's scoring server makes of each JSON format."""
+    from mlflow.pyfunc.scoring_server import _parse_json_data  # what its /invocations does
+
+    mlflow.set_tracking_uri(trained.store_uri)
+    served = mlflow.pyfunc.load_model(registered["model_uri"])
+    schema = served.metadata.get_input_schema()
+    images = read_image_set(trained.data_dir / "test").images[:6]
+    files = serving.png_frame(images)
+    forms = {
+        "arrays": images,
+        "grayscale arrays": images[..., 0],
+        "files": files,
+        "files and another column": files.assign(note="x"),
+        "dict of arrays": {serving.IMAGE_COLUMN: images},
+        **{
+            f"JSON {key}": _parse_json_data(json.dumps(body), served.metadata, schema).data
+            for key, body in {
+                "inputs": {"inputs": images.tolist()},
+                "named inputs": {"inputs": {serving.IMAGE_COLUMN: images.tolist()}},
+                "dataframe_split": {"dataframe_split": files.to_dict(orient="split")},
+                "instances": {"instances": files.to_dict(orient="records")},
+            }.items()
+        },
+    }
+    answers = {name: served.predict(form)["class_index"].tolist() for name, form in forms.items()}
+    assert answers == {name: answers["arrays"] for name in forms}
+    with pytest.raises(serving.BadImageInput, match="expected uint8 pixels 0-255, got float64"):
+        served.predict(images.astype(float))
+
+
 SHIPPED_CODE_ONLY = """
 import sys
 import mlflow
@@ -188,7 +220,7 @@ def test_registered_model_is_code_and_weights_with_labels_signature_and_example(
     run = mlflow.MlflowClient().get_run(registered["run_id"])
     assert set(run.data.params) == set(trained.params.flat())
     info = mlflow.models.get_model_info(registered["model_uri"])
-    assert info.signature.inputs is None
+    assert info.signature.inputs.input_names() == [serving.IMAGE_COLUMN]  # the UI names it
     assert info.signature.outputs.input_names() == list(serving.COLUMNS)
     example = json.loads((local / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["columns"] == ["image"]

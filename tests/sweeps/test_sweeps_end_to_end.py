@@ -168,14 +168,14 @@ def test_a_grid_is_one_parent_run_with_a_child_named_after_each_experiment(repo,
     shown = exp_show(repo)
     for name in ("grid-2", "grid-3", "grid-4"):
         accuracy = shown[name]["metrics"]["metrics/evaluate.json"]["data"]["accuracy"]
-        assert by_name[name].data.metrics["test_accuracy"] == pytest.approx(accuracy)
+        assert by_name[name].data.metrics["test/accuracy"] == pytest.approx(accuracy)
     assert not [run.info.run_name for run in experiment_runs(repo) if run.info.status == "RUNNING"]
     best = max(
-        ("grid-2", "grid-3", "grid-4"), key=lambda n: by_name[n].data.metrics["test_accuracy"]
+        ("grid-2", "grid-3", "grid-4"), key=lambda n: by_name[n].data.metrics["test/accuracy"]
     )
     assert parent.data.tags["sweep.best.trial"] == best
-    assert parent.data.metrics["best_accuracy"] == pytest.approx(
-        by_name[best].data.metrics["test_accuracy"]
+    assert parent.data.metrics["sweep/best/evaluate/accuracy"] == pytest.approx(
+        by_name[best].data.metrics["test/accuracy"]
     )
     artifacts = {a.path for a in client(repo).list_artifacts(parent.info.run_id, "sweep")}
     assert {
@@ -194,7 +194,7 @@ def test_the_report_shows_every_trial_with_the_numbers_of_its_run(repo, grid):
     for run in children:
         value = rows[run.info.run_name]
         if run.info.status == "FINISHED":
-            assert float(value) == pytest.approx(run.data.metrics["test_accuracy"])
+            assert float(value) == pytest.approx(run.data.metrics["test/accuracy"])
         else:
             assert value == ""
         assert f"/runs/{run.info.run_id}" in page  # linked by name

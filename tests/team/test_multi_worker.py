@@ -138,7 +138,7 @@ def test_only_the_chief_logs_to_mlflow_and_writes_outputs(two_workers_and_one):
     assert run.data.tags["train.replicas"] == "2"  # the strategy did join the two
     assert json.loads((root / "worker0" / "run.json").read_text())["run_id"] == run.info.run_id
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'cluster.db'}")
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")]
     assert sorted(steps) == list(range(1, EPOCHS + 1))
     assert "training as worker 0 of 2 workers, 2 replicas in sync" in logs[0]
     assert "training as worker 1 of 2 workers, 2 replicas in sync" in logs[1]

@@ -77,13 +77,13 @@ def test_repro_logs_a_finished_run_with_params_metrics_and_commit(tracked: Track
     run_id = lineage(tracked.project, "train_run.json")["run_id"]
     with tracked.server.client("alice") as client:
         logged = client.get_run(run_id)
-        history = client.get_metric_history(run_id, "val_accuracy")
+        history = client.get_metric_history(run_id, "val/accuracy")
     assert logged.info.status == "FINISHED"
     assert logged.info.user_id == "alice"  # the server knows who logged it
     assert logged.data.params["train.epochs"] == str(EPOCHS)
     assert len(history) == EPOCHS
     evaluation = json.loads((tracked.project.path / "metrics/evaluate.json").read_text())
-    assert logged.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert logged.data.metrics["test/accuracy"] == pytest.approx(evaluation["accuracy"])
     head = tracked.project.out("git", "rev-parse", "HEAD~1").strip()  # before the outputs
     assert logged.data.tags["mlflow.source.git.commit"] == head
 

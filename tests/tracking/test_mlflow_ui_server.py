@@ -83,9 +83,9 @@ def test_the_ui_server_answers_the_run_with_params_metrics_and_history(ui, train
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert params["train.epochs"] == str(TRAIN_EPOCHS)
     metrics = {m["key"] for m in run["data"]["metrics"]}
-    assert {"val_accuracy", "test_accuracy", "test_macro_f1", "test_ece"} <= metrics
+    assert {"val/accuracy", "test/accuracy", "test/macro_f1", "test/ece"} <= metrics
     history = api(
-        ui, "metrics/get-history", run_id=trained.result.run_id, metric_key="val_accuracy"
+        ui, "metrics/get-history", run_id=trained.result.run_id, metric_key="val/accuracy"
     )
     assert [m["step"] for m in history["metrics"]] == list(range(1, TRAIN_EPOCHS + 1))
 

@@ -16,6 +16,7 @@ from classifier.errors import TrainingDiverged
 from classifier.model.files import load_model
 from classifier.model.temperature import logits_of
 from classifier.model.tta import has_flip_average
+from classifier.tracking import names
 from classifier.training import augment, callbacks, loop, precision
 from classifier.training.calibration import fit_temperature
 from stages import train
@@ -54,11 +55,14 @@ def test_training_run_is_finished_with_params_epoch_metrics_and_tags(trained):
     assert run.data.params == {key: str(value) for key, value in trained.params.flat().items()}
     assert run.data.tags["dvc.exp_name"] == DVC_EXPERIMENT
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    what = run.data.tags["mlflow.note.content"].split("\n\n")[0]
+    architecture = trained.params.train.architecture
+    assert what.startswith(f"**{architecture}** on `{trained.params.data.source}` images")
     history = pd.read_csv(trained.history_path)
-    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+    for metric in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         logged = client.get_metric_history(run.info.run_id, metric)
         assert [m.step for m in logged] == list(range(1, TRAIN_EPOCHS + 1))
-        assert [m.value for m in logged] == pytest.approx(list(history[metric]))
+        assert [m.value for m in logged] == pytest.approx(list(history[names.keras_name(metric)]))
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "history.csv" in artifacts
     data_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
@@ -319,7 +323,7 @@ def test_warmup_cosine_schedule_changes_the_logged_learning_rate(
             outputs=train.TrainOutputs.under(out_dir),
         )
         client = mlflow.MlflowClient(tracking_uri=mlflow_store)
-        return [m.value for m in client.get_metric_history(result.run_id, "learning_rate")]
+        return [m.value for m in client.get_metric_history(result.run_id, "train/learning_rate")]
 
     assert logged_rates(tmp_path / "constant") == pytest.approx([0.001, 0.001])
     cosine = logged_rates(tmp_path / "cosine", schedule="warmup_cosine", warmup_epochs=1.0)
