@@ -88,12 +88,15 @@ def ui_url(model_name: str, version: object) -> str:
 
 
 def _row(label: str, text: str) -> list[str]:
+    """``text`` wrapped beside its label; a path or URL longer than a line stays whole, so
+    a person can copy it."""
     return textwrap.wrap(
         text,
         WIDTH,
         initial_indent=f"{label:<{LABEL_WIDTH}}",
         subsequent_indent=" " * LABEL_WIDTH,
         break_on_hyphens=False,
+        break_long_words=False,
     )
 
 

@@ -54,6 +54,22 @@ def calibration_figures(model: keras.Model, test: ImageSet) -> dict[str, float]:
     }
 
 
+def evaluation_figures(
+    model, test: ImageSet, probabilities: np.ndarray, counts: pd.DataFrame, calibration: tuple
+) -> dict[str, object]:
+    """The pictures of the test split: confusion, reliability, mistakes, and what the network
+    looks at (Grad-CAM, feature maps, filters, in insight/)."""
+    mistakes, captions = most_confident_mistakes(test, probabilities, MISCLASSIFIED_SHOWN)
+    return {
+        "confusion.png": plots.confusion_figure(counts, test.class_names),
+        "reliability.png": plots.reliability_figure(*calibration),
+        "misclassified.png": plots.image_grid_figure(
+            mistakes, captions, "Most confidently misclassified test images"
+        ),
+        **insight.insight_figures(model, test, probabilities),
+    }
+
+
 def run(
     cfg: EvaluateParams,
     *,
@@ -79,17 +95,8 @@ def run(
     metrics = headline_metrics(probabilities, test.labels, per_class, ece)
     metrics.update(calibration_figures(model, test))
     counts = confusion_counts(test, predicted)
-    mistakes, captions = most_confident_mistakes(test, probabilities, MISCLASSIFIED_SHOWN)
-    figures = {
-        "confusion.png": plots.confusion_figure(counts, test.class_names),
-        "reliability.png": plots.reliability_figure(calibration, ece),
-        "curves.png": plots.curves_figure(pd.read_csv(history_path)),
-        "misclassified.png": plots.image_grid_figure(
-            mistakes, captions, "Most confidently misclassified test images"
-        ),
-        # What the network looks at: Grad-CAM, feature maps, filters (in insight/).
-        **insight.insight_figures(model, test, probabilities),
-    }
+    figures = evaluation_figures(model, test, probabilities, counts, (calibration, ece))
+    figures["curves.png"] = plots.curves_figure(pd.read_csv(history_path))
 
     training = runs.finished_run(run_id)
     with training.stage("evaluate"):

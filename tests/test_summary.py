@@ -137,3 +137,11 @@ def test_make_run_prints_the_summary_after_dvc_repro_and_tells_export_not_to():
     recipe = [line.strip() for line in lines[start + 1 :] if line.startswith("\t")][:2]
     assert recipe == [f"{AFTER_REPRO_ENV}=1 dvc repro", "@python -m tools.summary"]
     assert lines[start + 3] == ""  # nothing after the summary
+
+
+def test_a_path_longer_than_a_line_stays_whole():
+    from classifier import summary
+
+    path = "/tmp/" + "deep/" * 30 + "model_card.md"
+    rows = summary._row("model card", path)
+    assert rows == [f"{'model card':<{summary.LABEL_WIDTH}}{path}"]

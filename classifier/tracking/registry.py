@@ -140,11 +140,6 @@ def log_served_model(
     from classifier.serving import pyfunc as serving
 
     signature = ModelSignature(inputs=input_schema(), outputs=None)
-
-    # Pin what the model needs instead of letting MLflow re-import it to guess (slow).
-    requirements = [
-        f"{package}=={importlib.metadata.version(package)}" for package in SERVED_REQUIREMENTS
-    ]
     with tempfile.TemporaryDirectory() as scratch:
         # The resize policy travels as a file: MLflow would log a model_config as run params.
         preprocessing = Path(scratch) / serving.PREPROCESSING_FILE
@@ -175,9 +170,15 @@ def log_served_model(
                 artifacts=artifacts,
                 signature=signature,
                 input_example=input_example,
-                pip_requirements=requirements,
+                pip_requirements=served_requirements(),
             )
     return LoggedModel(logged.model_id, f"models:/{logged.model_id}", run_id, interface)
+
+
+def served_requirements() -> list[str]:
+    """What the served model needs, pinned, rather than MLflow re-importing it to guess
+    (slow)."""
+    return [f"{package}=={importlib.metadata.version(package)}" for package in SERVED_REQUIREMENTS]
 
 
 def input_schema() -> Any:
