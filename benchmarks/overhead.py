@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks import report
 
-STAGE_MODULES = ("download", "preprocess", "train", "evaluate", "export", "label_issues")
+STAGE_MODULES = ("download", "preprocess", "label_issues", "train", "evaluate", "export")
 HEAVY = ("tensorflow", "keras", "mlflow", "pandas", "sklearn", "matplotlib")
 NO_OP_TARGET_S = 1.0
 PROBE = (

@@ -3,8 +3,8 @@
 ``make run`` prints it after ``dvc repro`` (tools/summary.py), so it is the last thing on
 the screen, after DVC's own hints, even when every stage was up to date. ``dvc repro`` and
 ``dvc exp run`` have no step after their stages, so export prints it as its last lines
-there; DVC then adds its own few ("Updating lock file", "Ran experiment(s)"), and
-label_issues, declared after export in dvc.yaml, its two when it reruns. Everything in it
+there (dvc.yaml declares label_issues before train, so export is the last stage DVC
+runs); DVC then adds its own few ("Updating lock file", "Ran experiment(s)"). Everything in it
 is quoted from what the stages wrote (evaluate's and preprocess's metrics, export's
 decision and registration record), never recomputed from a model.
 """

@@ -361,7 +361,7 @@ PROJECT_FILES = [
 # Every stage of dvc.yaml, in the order a default `dvc repro` runs them. label_issues is
 # optional: off by default (label_issues.enabled), it trains nothing and only writes an
 # empty table, in seconds (docs/insight.md#training-labels-that-are-probably-wrong).
-STAGES = ["download", "preprocess", "train", "evaluate", "export", "label_issues"]
+STAGES = ["download", "preprocess", "label_issues", "train", "evaluate", "export"]
 
 
 def user_env() -> dict[str, str]:
