@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from classifier.errors import StageError
+from classifier.stats import proportion_interval
 
 # Set by ``make run``, which prints the block itself after dvc repro: export then does not.
 AFTER_REPRO_ENV = "CLASSIFIER_SUMMARY_AFTER_REPRO"
 UI_HOST = "127.0.0.1"
 UI_PORT_ENV = "MLFLOW_PORT"  # the Makefile's knob for `make ui`
 DEFAULT_UI_PORT = "5000"
-CONFIDENCE = 0.95
 WIDTH = 92
 LABEL_WIDTH = 14
 LOCK_FILE = "dvc.lock"
@@ -55,16 +55,6 @@ def _read(path: Path) -> dict:
         raise StageError(f"{path}: cannot be read as JSON: {error}") from None
 
 
-def accuracy_interval(right: int, total: int) -> tuple[float, float]:
-    """The exact (Clopper-Pearson) 95 % interval of an accuracy of ``right`` out of ``total``."""
-    from scipy.stats import binomtest
-
-    if total == 0:
-        return 0.0, 1.0
-    interval = binomtest(right, total).proportion_ci(CONFIDENCE, method="exact")
-    return float(interval.low), float(interval.high)
-
-
 def _percent(value: float) -> str:
     return f"{100 * value:.1f} %"
 
@@ -74,7 +64,7 @@ def _accuracy_line(evaluate: dict, data: dict) -> str:
     total = int(data.get("images", {}).get("test", 0))
     if not total:
         return f"{_percent(accuracy)} (test images: unknown, so no interval)"
-    low, high = accuracy_interval(round(accuracy * total), total)
+    low, high = proportion_interval(round(accuracy * total), total)
     line = f"{_percent(accuracy)} (95 % CI {_percent(low)} to {_percent(high)}) on {total} images"
     if "macro_f1" in evaluate:
         line += f"; macro F1 {float(evaluate['macro_f1']):.3f}"

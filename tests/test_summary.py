@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from classifier.errors import StageError
+from classifier.stats import proportion_interval
 from classifier.summary import (
     AFTER_REPRO_ENV,
     RunFiles,
-    accuracy_interval,
     stage_end_block,
     summary_block,
     uncommitted_lock,
@@ -49,7 +49,7 @@ def test_the_block_gives_accuracy_with_its_interval_the_version_alias_why_and_wh
     monkeypatch.delenv("MLFLOW_PORT", raising=False)
     files = write_run(tmp_path)
     block = summary_block(files)
-    low, high = accuracy_interval(260, 270)
+    low, high = proportion_interval(260, 270)
     assert (round(100 * low, 1), round(100 * high, 1)) == (93.3, 98.2)
     lines = block.splitlines()
     assert lines[0].startswith("── digits-cnn version 3: @champion ──")

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from classifier.stats import proportion_interval
 from classifier.tracking import names
 
 CARD_FILE = "model_card.md"
 # Model version descriptions are VARCHAR(5000) in MLflow's SQL stores (PostgreSQL enforces
 # it): a longer card is cut at a section and points to the whole one, a run artifact.
 MAX_DESCRIPTION_CHARS = 5000
-CONFIDENCE = 0.95
 WORST_CLASSES = 3
 TRAINING_PARAMS = (
     "train.architecture", "train.epochs", "train.batch_size", "train.learning_rate",
@@ -131,16 +131,6 @@ def _read_csv(path: Path | None) -> pd.DataFrame | None:
         return pd.read_csv(path, dtype={"class": str})
     except (OSError, ValueError):
         return None
-
-
-def proportion_interval(successes: int, trials: int) -> tuple[float, float]:
-    """The exact (Clopper-Pearson) 95 % confidence interval of a proportion."""
-    from scipy.stats import binomtest
-
-    if trials == 0:
-        return 0.0, 1.0
-    interval = binomtest(successes, trials).proportion_ci(CONFIDENCE, method="exact")
-    return float(interval.low), float(interval.high)
 
 
 def _percent(value: float) -> str:

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from classifier.stats import proportion_interval
+
 TAG_NOTE = "mlflow.note.content"
 # Markdown: a blank line makes two paragraphs of the UI's two lines.
 SEPARATOR = "\n\n"
-CONFIDENCE = 0.95
 MAX_ERROR_CHARS = 300
 TRAINING = "Training: not finished yet."
 
@@ -53,9 +54,7 @@ def trained(epochs: int, val_accuracy: float) -> str:
 
 def tested(right: int, total: int) -> str:
     """The test accuracy with its exact 95 % interval: what decides."""
-    from scipy.stats import binomtest
-
-    low, high = binomtest(right, total).proportion_ci(CONFIDENCE, method="exact")
+    low, high = proportion_interval(right, total)
     return (
         f"Test accuracy {_percent(right / total)} (95 % CI {_percent(low)} to "
         f"{_percent(high)}) on {total} test images"
