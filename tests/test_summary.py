@@ -65,7 +65,8 @@ def test_the_block_gives_accuracy_with_its_interval_the_version_alias_why_and_wh
         line.startswith("compare       make compare: reports/compare.html") for line in lines
     )
     assert "commit" not in block and lines[-1] == "─" * len(lines[-1])
-    assert max(map(len, lines)) <= 92
+    # Every line fits 92 columns but one holding a path too long to break (tmp paths are).
+    assert max(len(line) for line in lines if str(files.card) not in line) <= 92
 
 
 def test_the_block_names_a_version_without_alias_and_the_port_make_ui_was_given(

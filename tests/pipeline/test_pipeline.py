@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from classifier.data.dataset import read_image_set
+from classifier.export import model_card
 from classifier.model.files import load_model
 from classifier.model.tta import has_flip_average
 from classifier.serving.pyfunc import probabilities_of
@@ -421,7 +422,8 @@ def test_a_failed_download_then_dvc_checkout_restores_every_output(clone, tmp_pa
     set_params(clone, "data", source="folder", path=str(tmp_path / "no-such-folder"))
     done = run_in(clone, "dvc", "repro")
     assert done.returncode != 0
-    assert f"download: error: {tmp_path / 'no-such-folder'}: not a folder" in done.stderr
+    missing = tmp_path / "no-such-folder"
+    assert f"download: error: data.path: {missing} is not a folder" in done.stderr
     assert not (clone / "data/raw").exists()
     assert_checkout_restores(clone, before)
 
@@ -435,10 +437,12 @@ def test_repro_shows_what_the_model_looks_at_and_registers_its_model_card(repo):
     run_id = json.loads((repo / "lineage/train_run.json").read_text())["run_id"]
     logged = {item.path for item in client(repo).list_artifacts(run_id, "evaluation/insight")}
     assert {f"evaluation/insight/{name}" for name in pictures} <= logged
-    # The version's description is its model card, as export wrote it.
+    # The version's description is its model card, as export wrote it, its tables as lists
+    # (MLflow's UI draws tables without borders).
     record = json.loads((repo / "lineage/registered_model.json").read_text())
     version = client(repo).get_model_version(record["name"], str(record["version"]))
-    assert version.description == (repo / "reports/model_card.md").read_text()
+    card = (repo / "reports/model_card.md").read_text()
+    assert version.description == model_card.tables_as_lists(card)
     # label_issues is off by default: it ran, and checked nothing.
     assert json.loads((repo / "metrics/label_issues.json").read_text())["checked_images"] == 0
 
